@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -c "import torch, torchvision, timm, onnx, onnxruntime, dvc, mlflow, prefect; print('setup ok: torch', torch.__version__, 'timm', timm.__version__)"
 	touch $@
 
+# Each `make run` is one pipeline run in MLflow: its stage runs are grouped under one parent.
 run: setup
-	$(VENV)/bin/dvc repro
+	ANYORDER_PIPELINE_RUN_ID=$${ANYORDER_PIPELINE_RUN_ID:-make-$$(date -u +%Y%m%dT%H%M%SZ)} \
+	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: setup
 	$(PY) -m pytest -q

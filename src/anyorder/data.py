@@ -1,0 +1,536 @@
+"""The `prepare` stage: load an image classification dataset, resize it, split it, write it out.
+
+Sources (see `SOURCES`) all return a `RawDataset` of uint8 RGB images. `prepare_dataset` checks
+it, resizes to a square `image_size`, makes a seeded stratified train/val/test split and writes
+`{train,val,test}.npz` plus `meta.json` into `out_dir`, atomically. Every problem with the input
+raises `DataError` naming the file or class at fault and saying how to fix it.
+
+Only numpy, Pillow and the standard library are imported here: scikit-learn is imported inside
+the digits loader alone, so the other sources work where it is not installed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, path or class at fault and how to fix it."""
+
+
+@dataclass
+class RawDataset:
+    """A whole dataset in memory, before resizing and splitting.
+
+    images: uint8 (N, H, W, 3); grayscale sources are replicated to 3 channels.
+    labels: int64 (N,), values in [0, len(class_names)).
+    class_names: one name per class index.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------
+
+def _to_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) or (N, H, W, 1) uint8 -> (N, H, W, 3) by replicating the gray channel."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images)
+
+
+def _require_path(source: str, path: Optional[str]) -> Path:
+    """Return `path` as a Path; a missing `path` setting -> DataError."""
+    if not path:
+        raise DataError(f"source '{source}' needs a path (set data.path to the directory or file "
+                        f"holding the dataset)")
+    return Path(path).expanduser()
+
+
+def _load_digits(path: Optional[str]) -> RawDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images; `path` ignored) -> RawDataset."""
+    try:
+        # Imported here so the rest of the module needs nothing beyond numpy and Pillow.
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError("source 'digits' needs scikit-learn (pip install scikit-learn), "
+                        "or choose another data.source") from exc
+    bunch = load_digits()
+    # Pixel values are 0..16; stretch them to the 0..255 range every other source uses.
+    gray = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    return RawDataset(images=_to_rgb(gray), labels=bunch.target.astype(np.int64),
+                      class_names=[str(i) for i in range(10)])
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    """Where one CIFAR variant keeps its files and which pickle keys hold what."""
+
+    folder: str              # the folder name inside the official archive
+    batches: tuple[str, ...]  # data files, in the order they are concatenated
+    label_key: bytes
+    meta_file: str
+    names_key: bytes
+
+
+_CIFAR10 = _CifarLayout("cifar-10-batches-py",
+                        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+                        b"labels", "batches.meta", b"label_names")
+_CIFAR100 = _CifarLayout("cifar-100-python", ("train", "test"), b"fine_labels", "meta",
+                         b"fine_label_names")
+
+
+def _find_cifar_dir(source: str, path: Optional[str], layout: _CifarLayout) -> Path:
+    """`path` (the batch directory itself, or its parent) -> the directory holding the files."""
+    root = _require_path(source, path)
+    expected = list(layout.batches) + [layout.meta_file]
+    candidates = [root, root / layout.folder]
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in expected):
+            return candidate
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory for source '{source}' (expected the CIFAR "
+                        f"'python version' folder {layout.folder}/ or its parent)")
+    # Report the missing files of whichever candidate exists, preferring the official folder.
+    where = root / layout.folder if (root / layout.folder).is_dir() else root
+    missing = [name for name in expected if not (where / name).is_file()]
+    raise DataError(f"{where}: not a CIFAR directory for source '{source}': missing "
+                    f"{', '.join(missing)} (expected files: {', '.join(expected)}; download and "
+                    f"extract the official 'python version' archive)")
+
+
+def _unpickle(file: Path) -> dict:
+    """One CIFAR pickle file -> its dict (keys are bytes, as in the official format)."""
+    # The official CIFAR distribution *is* a set of pickles, so there is no safer reader.
+    # Unpickling can run arbitrary code: only point this at trusted CIFAR files.
+    try:
+        with open(file, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as exc:  # a damaged pickle can fail in many ways; all mean "re-extract"
+        raise DataError(f"{file}: not a readable CIFAR pickle ({exc}); re-extract the archive"
+                        ) from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{file}: expected a pickled dict, found {type(obj).__name__}")
+    return obj
+
+
+def _cifar_key(obj: dict, key: bytes, file: Path):
+    """obj[key], or DataError naming the file and the missing key."""
+    if key not in obj:
+        raise DataError(f"{file}: missing key {key!r} (found {sorted(obj)}); is this the right "
+                        f"CIFAR variant?")
+    return obj[key]
+
+
+def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str]) -> RawDataset:
+    """A CIFAR-10/100 'python version' directory -> all its images (train and test together)."""
+    folder = _find_cifar_dir(source, path, layout)
+    images, labels = [], []
+    for name in layout.batches:
+        file = folder / name
+        batch = _unpickle(file)
+        data = np.asarray(_cifar_key(batch, b"data", file), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{file}: b'data' has shape {data.shape}, expected (N, 3072)")
+        # Each row is the red plane, then green, then blue, each 32x32 row-major: channel-first.
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        batch_labels = np.asarray(_cifar_key(batch, layout.label_key, file), dtype=np.int64)
+        if batch_labels.shape != (len(data),):
+            raise DataError(f"{file}: {len(batch_labels)} labels for {len(data)} images")
+        labels.append(batch_labels)
+    meta_file = folder / layout.meta_file
+    names = _cifar_key(_unpickle(meta_file), layout.names_key, meta_file)
+    class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    return RawDataset(images=np.ascontiguousarray(np.concatenate(images)),
+                      labels=np.concatenate(labels), class_names=class_names)
+
+
+def _is_hidden(file: Path, root: Path) -> bool:
+    """True if any part of `file` below `root` starts with '.' (.ipynb_checkpoints, ._x.png)."""
+    return any(part.startswith(".") for part in file.relative_to(root).parts)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """Image files anywhere below `class_dir` (any extension case), sorted, hidden ones skipped."""
+    # Hidden entries are skipped: macOS '._x.png' resource forks and notebook checkpoints
+    # carry image extensions but are not images of the class.
+    return sorted(f for f in class_dir.rglob("*")
+                  if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                  and not _is_hidden(f, class_dir))
+
+
+def _read_image(file: Path, size: Optional[tuple[int, int]]) -> np.ndarray:
+    """One image file -> uint8 (H, W, 3); resized (bilinear) to `size` = (W, H) when given."""
+    try:
+        with Image.open(file) as im:
+            # Honour the EXIF orientation so camera photos are not sideways.
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"{file}: cannot read this image ({exc}); delete or replace the file"
+                        ) from exc
+
+
+def _load_imagefolder(path: Optional[str]) -> RawDataset:
+    """A directory with one sub-folder of images per class -> RawDataset.
+
+    Class names are the sorted sub-folder names. Every image is converted to RGB and resized to
+    the size of the first image read, so images of different sizes stack into one array.
+    """
+    root = _require_path("imagefolder", path)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such directory for source 'imagefolder' (expected a folder "
+                        f"with one sub-folder of images per class)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class sub-folders found (put the images of each class in "
+                        f"their own sub-folder, e.g. {root}/cat/1.png)")
+    images, labels = [], []
+    size: Optional[tuple[int, int]] = None
+    for index, class_dir in enumerate(class_dirs):
+        files = _image_files(class_dir)
+        if not files:
+            raise DataError(f"{class_dir}: class folder '{class_dir.name}' has no images "
+                            f"({'/'.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
+        for file in files:
+            array = _read_image(file, size)
+            size = size or (array.shape[1], array.shape[0])
+            images.append(array)
+            labels.append(index)
+    return RawDataset(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
+                      class_names=[d.name for d in class_dirs])
+
+
+def _npz_class_names(archive, file: Path) -> Optional[list[str]]:
+    """The optional `class_names` array of an open .npz -> list of str, or None if absent."""
+    if "class_names" not in archive.files:
+        return None
+    try:
+        names = archive["class_names"]
+    except ValueError as exc:
+        # Object arrays need pickle, which we refuse (allow_pickle=False) for safety.
+        raise DataError(f"{file}: class_names is stored as an object array; save it as a string "
+                        f"array, e.g. np.array(names, dtype=str)") from exc
+    if names.dtype.kind not in "US":
+        raise DataError(f"{file}: class_names has dtype {names.dtype}; expected strings, e.g. "
+                        f"np.array(names, dtype=str)")
+    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names.ravel()]
+
+
+def _npz_images(x: np.ndarray, file: Path) -> np.ndarray:
+    """The `x` array of an .npz -> uint8 (N, H, W, 3), or DataError saying what is wrong."""
+    if x.dtype != np.uint8:
+        raise DataError(f"{file}: x has dtype {x.dtype}, expected uint8; scale it to 0..255 and "
+                        f"convert with .astype(np.uint8)")
+    if x.ndim not in (3, 4):
+        raise DataError(f"{file}: x has shape {x.shape}; expected (N, H, W), (N, H, W, 1) or "
+                        f"(N, H, W, 3)")
+    if x.ndim == 4 and x.shape[-1] not in (1, 3):
+        raise DataError(f"{file}: x has {x.shape[-1]} channels (shape {x.shape}); expected 1 or 3 "
+                        f"channels-last, e.g. (N, H, W, 3)")
+    return _to_rgb(x)
+
+
+def _npz_labels(y: np.ndarray, file: Path) -> np.ndarray:
+    """The `y` array of an .npz -> int64 (N,), or DataError saying what is wrong."""
+    if y.ndim != 1:
+        raise DataError(f"{file}: y has shape {y.shape}; expected one label per image, shape (N,)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{file}: y has dtype {y.dtype}; labels must be integers class indices "
+                        f"(convert with .astype(np.int64))")
+    return y.astype(np.int64)
+
+
+def _load_npz(path: Optional[str]) -> RawDataset:
+    """An .npz file with `x` images, `y` integer labels and optional `class_names` -> RawDataset."""
+    file = _require_path("npz", path)
+    if not file.is_file():
+        raise DataError(f"{file}: no such file for source 'npz' (expected an .npz with arrays x "
+                        f"and y, written by np.savez)")
+    try:
+        # allow_pickle=False: an .npz must never be able to run code when loaded.
+        archive = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{file}: not a readable .npz file ({exc}); write it with np.savez"
+                        ) from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{file}: holds a single array, not an .npz archive; write it with "
+                        f"np.savez(file, x=images, y=labels)")
+    with archive:
+        for key in ("x", "y"):
+            if key not in archive.files:
+                raise DataError(f"{file}: missing array '{key}' (found {archive.files}); write it "
+                                f"with np.savez(file, x=images, y=labels)")
+        try:
+            x, y = archive["x"], archive["y"]
+        except ValueError as exc:
+            raise DataError(f"{file}: x or y is an object array ({exc}); store plain numeric "
+                            f"arrays") from exc
+        class_names = _npz_class_names(archive, file)
+    images, labels = _npz_images(x, file), _npz_labels(y, file)
+    if len(images) != len(labels):
+        raise DataError(f"{file}: x has {len(images)} images but y has {len(labels)} labels; "
+                        f"they must match one to one")
+    if len(labels) == 0:
+        raise DataError(f"{file}: contains no images")
+    if labels.min() < 0:
+        raise DataError(f"{file}: label {int(labels.min())} is negative; labels must be class "
+                        f"indices 0..K-1")
+    if class_names is None:
+        class_names = [str(i) for i in range(int(labels.max()) + 1)]
+    if labels.max() >= len(class_names):
+        raise DataError(f"{file}: label {int(labels.max())} is out of range for "
+                        f"{len(class_names)} class_names (labels must be in "
+                        f"0..{len(class_names) - 1})")
+    return RawDataset(images=images, labels=labels, class_names=class_names)
+
+
+SOURCES: dict[str, Callable[[Optional[str]], RawDataset]] = {
+    "digits": _load_digits,
+    "cifar10": functools.partial(_load_cifar, _CIFAR10, "cifar10"),
+    "cifar100": functools.partial(_load_cifar, _CIFAR100, "cifar100"),
+    "imagefolder": _load_imagefolder,
+    "npz": _load_npz,
+}
+
+
+def load_source(source: str, path: Optional[str]) -> RawDataset:
+    """Source name and its path -> RawDataset. An unknown source -> DataError listing known ones."""
+    loader = SOURCES.get(source)
+    if loader is None:
+        raise DataError(f"unknown data source '{source}'; choose one of {', '.join(SOURCES)}")
+    return loader(path)
+
+
+def validate_dataset(raw: RawDataset, where: str) -> None:
+    """Check a RawDataset from any source; DataError (prefixed with `where`) if unusable.
+
+    Requires uint8 (N, H, W, 3) images, int64 labels of the same length, at least two distinct
+    class names, every label a valid class index, and every class holding at least one image.
+    """
+    images, labels, names = raw.images, raw.labels, raw.class_names
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(f"{where}: images must be uint8 (N, H, W, 3), got {images.dtype} "
+                        f"{images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: {len(images)} images but labels of shape {labels.shape}")
+    if len(names) < 2:
+        raise DataError(f"{where}: found {len(names)} class(es) {names}; classification needs at "
+                        f"least 2")
+    if len(set(names)) != len(names):
+        raise DataError(f"{where}: class names are not unique: {names}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(names)):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise DataError(f"{where}: label {bad} is outside 0..{len(names) - 1}")
+    counts = np.bincount(labels, minlength=len(names))
+    for index in np.flatnonzero(counts == 0):
+        raise DataError(f"{where}: class {index} ('{names[index]}') has no images; add some or "
+                        f"drop the class")
+
+
+# --------------------------------------------------------------------------------------------
+# Resizing and splitting
+# --------------------------------------------------------------------------------------------
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3) by PIL bilinear; a copy if H = W = size."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(f"resize_images needs uint8 (N, H, W, 3), got {images.dtype} "
+                        f"{images.shape}")
+    if size < 1:
+        raise DataError(f"image size must be >= 1, got {size}")
+    if images.shape[1:3] == (size, size):
+        return images.copy()
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return out
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """DataError unless both fractions are in (0, 1) and leave room for training."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise DataError(f"{name} must be in (0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(f"val_fraction + test_fraction = {val_fraction + test_fraction} leaves no "
+                        f"images for training; keep the sum below 1")
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                     class_names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """Labels (N,) -> {"train", "val", "test"}: sorted, disjoint int64 index arrays covering 0..N-1.
+
+    Per class (ascending label order, one np.random.default_rng(seed) shared by all classes):
+    shuffle its indices, take n_test = max(1, round(n * test_fraction)), then
+    n_val = max(1, round(n * val_fraction)), the rest is train. A class too small for at least
+    one image in each split -> DataError naming it (by `class_names` when given) and its count.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DataError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n = len(members)
+        # Every class must appear in every split, or per-class metrics become undefined.
+        n_test = max(1, round(n * test_fraction))
+        n_val = max(1, round(n * val_fraction))
+        if n < 3 or n - n_test - n_val < 1:
+            name = f"'{class_names[cls]}' (label {cls})" if class_names is not None else f"{cls}"
+            raise DataError(f"class {name} has only {n} image(s): too few to put at least one in "
+                            f"each of train/val/test (val_fraction={val_fraction}, "
+                            f"test_fraction={test_fraction}); add images or remove the class")
+        parts["test"].append(members[:n_test])
+        parts["val"].append(members[n_test:n_test + n_val])
+        parts["train"].append(members[n_test + n_val:])
+    return {name: np.sort(np.concatenate(chunks)).astype(np.int64)
+            for name, chunks in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and reading the prepared dataset
+# --------------------------------------------------------------------------------------------
+
+def _write_split(file: Path, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
+    """Write one split as an .npz with keys x (uint8), y (int64), index (int64)."""
+    with open(file, "wb") as f:
+        np.savez(f, x=x, y=y, index=index)
+
+
+def _write_meta(file: Path, meta: dict) -> None:
+    """Write the meta dict as indented JSON."""
+    file.write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move directory `new` to `target`, replacing any old `target`; on failure keep the old one."""
+    backup = target.parent / f".{target.name}.old-{os.getpid()}"
+    if backup.exists():
+        shutil.rmtree(backup)
+    had_old = target.exists()
+    # Move the old directory aside rather than deleting it first, so a failing swap can put it
+    # back. (A hard kill right between the two renames leaves it at `backup`, not lost.)
+    if had_old:
+        os.rename(target, backup)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if had_old:
+            os.rename(backup, target)
+        raise
+    if had_old:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """DataError if `out_dir` exists but is not a directory this stage may replace."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a directory; remove it or choose another "
+                        f"output directory")
+    # Replacing wipes the directory, so only do it to an empty one or our own earlier output.
+    if any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
+        raise DataError(f"{out_dir}: exists, is not empty and holds no meta.json, so it is not a "
+                        f"prepared dataset; refusing to replace it (choose another directory)")
+
+
+def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fraction: float,
+                    test_fraction: float, seed: int, out_dir: str | Path) -> dict:
+    """Load, validate, resize, split and write a dataset; return the meta dict.
+
+    Writes out_dir/{train,val,test}.npz (x uint8 (N,S,S,3), y int64, index int64 into the
+    source's image order) and out_dir/meta.json. All files go to a temporary sibling directory
+    first, which then replaces out_dir, so a failure at any point leaves out_dir as it was.
+    """
+    out_dir = Path(out_dir)
+    if image_size < 1:
+        raise DataError(f"image_size must be >= 1, got {image_size}")
+    _check_fractions(val_fraction, test_fraction)
+    _check_out_dir(out_dir)
+    raw = load_source(source, path)
+    validate_dataset(raw, f"{path} (source '{source}')" if path else f"source '{source}'")
+    images = resize_images(raw.images, image_size)
+    splits = stratified_split(raw.labels, val_fraction, test_fraction, seed, raw.class_names)
+    num_classes = len(raw.class_names)
+    meta = {
+        "source": source,
+        "path": None if path is None else str(path),
+        "image_size": int(image_size),
+        "class_names": list(raw.class_names),
+        "num_classes": num_classes,
+        "split_seed": int(seed),
+        "val_fraction": float(val_fraction),
+        "test_fraction": float(test_fraction),
+        "counts": {name: int(len(index)) for name, index in splits.items()},
+        "class_counts": {name: np.bincount(raw.labels[index], minlength=num_classes).tolist()
+                         for name, index in splits.items()},
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # left over by an earlier crashed run that had the same pid
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        for name, index in splits.items():
+            _write_split(tmp / f"{name}.npz", images[index], raw.labels[index], index)
+        _write_meta(tmp / "meta.json", meta)
+        _replace_dir(tmp, out_dir)
+    finally:
+        # On success tmp was renamed away; on any failure this removes the partial output.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def load_split(prepared_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared directory and a split name -> (x uint8 (N,S,S,3), y int64 (N,))."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    file = Path(prepared_dir) / f"{split}.npz"
+    if not file.is_file():
+        raise DataError(f"{file}: no such file; run the prepare stage first (dvc repro prepare)")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise DataError(f"{file}: unreadable or incomplete ({exc}); re-run the prepare stage"
+                        ) from exc
+    if x.dtype != np.uint8 or x.ndim != 4 or y.dtype != np.int64 or len(x) != len(y):
+        raise DataError(f"{file}: unexpected contents (x {x.dtype} {x.shape}, y {y.dtype} "
+                        f"{y.shape}); re-run the prepare stage")
+    return x, y
+
+
+def load_meta(prepared_dir: str | Path) -> dict:
+    """A prepared directory -> the dict stored in its meta.json."""
+    file = Path(prepared_dir) / "meta.json"
+    if not file.is_file():
+        raise DataError(f"{file}: no such file; run the prepare stage first (dvc repro prepare)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file}: not valid JSON ({exc}); re-run the prepare stage") from exc

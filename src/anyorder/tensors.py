@@ -1,0 +1,46 @@
+"""Turning stored uint8 images into model inputs, and picking a device."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .model import ModelSpec
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device here; "
+                           f"use device: auto or cpu")
+    return device
+
+
+def to_model_input(images: np.ndarray | torch.Tensor, spec: ModelSpec,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N,H,W,3) -> float32 (N,3,H,W), scaled to [0,1] and normalised as `spec` says."""
+    batch = torch.as_tensor(images).to(device)
+    batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def random_shift(batch: torch.Tensor, pixels: int, generator: torch.Generator,
+                 fill: Optional[float] = None) -> torch.Tensor:
+    """Shift every image (N,C,H,W) by its own random offset in [-pixels, pixels] (pad and crop)."""
+    if pixels <= 0:
+        return batch
+    n, c, h, w = batch.shape
+    fill_value = float(batch.amin()) if fill is None else fill
+    padded = torch.nn.functional.pad(batch, (pixels,) * 4, value=fill_value)
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).to(batch.device)
+    rows = offsets[0][:, None] + torch.arange(h, device=batch.device)[None]
+    cols = offsets[1][:, None] + torch.arange(w, device=batch.device)[None]
+    index_n = torch.arange(n, device=batch.device)[:, None, None, None]
+    index_c = torch.arange(c, device=batch.device)[None, :, None, None]
+    return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]

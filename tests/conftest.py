@@ -1,0 +1,38 @@
+"""Shared tiny fixtures: real digits at 16x16 and tiny ViTs, so every test runs in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                      "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
+    os.environ.setdefault(_name, _value)
+
+from anyorder.data import load_split, prepare_dataset  # noqa: E402
+from anyorder.model import ModelSpec, build_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_spec(variant: str = "sequential", depth: int = 4, **overrides) -> ModelSpec:
+    """A ViT small enough to train on 16x16 digits in seconds (3*4*4 = 48 > embed_dim 32)."""
+    fields = dict(arch="vit_tiny_patch16_224", num_classes=10, img_size=16, variant=variant,
+                  patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0,
+                  class_names=[str(i) for i in range(10)])
+    fields.update(overrides)
+    return ModelSpec(**fields)
+
+
+def tiny_model(variant: str = "sequential", depth: int = 4, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(tiny_spec(variant, depth, **overrides))
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    """The embedded digits, prepared at 16x16: {split: (uint8 images NHWC, labels)}."""
+    out = tmp_path_factory.mktemp("digits16") / "prepared"
+    prepare_dataset("digits", None, 16, 0.15, 0.2, 0, out)
+    return {split: load_split(out, split) for split in ("train", "val", "test")}

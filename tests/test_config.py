@@ -1,0 +1,75 @@
+"""params.yaml is validated once, before any compute, with messages that name the key."""
+import pytest
+import yaml
+
+from anyorder.config import ConfigError, Settings, load_settings, settings_from_dict
+
+
+def test_the_project_params_file_is_valid():
+    settings = load_settings("params.yaml")
+    assert settings.model.depth >= 1 and len(settings.finetune.runs) >= 3
+    ls_runs = [r for r in settings.finetune.runs.values() if r.variant == "ls"]
+    assert len(ls_runs) >= 3, "merging needs several LayerShuffle seeds"
+    assert {r.variant for r in settings.finetune.runs.values()} == {
+        "sequential", "ls", "ls_pos", "ls_pred"}
+
+
+def test_defaults_and_types_are_parsed():
+    settings = settings_from_dict({"pretrain": {"lr": "1e-3"}, "finetune": {
+        "runs": {"a": {"variant": "ls_pos", "seed": 3}}}})
+    assert settings.pretrain.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
+    assert settings.finetune.runs["a"].variant == "ls_pos"
+    assert isinstance(settings, Settings)
+
+
+@pytest.mark.parametrize("raw,key,fragment", [
+    ({"model": {"depht": 4}}, "model.depht", "unknown key"),
+    ({"colour": 1}, "colour", "unknown key"),
+    ({"finetune": {"runs": {"x": {"variant": "ls", "sead": 1}}}}, "finetune.runs.x.sead",
+     "unknown key"),
+    ({"model": {"depth": "eight"}}, "model.depth", "must be an integer"),
+    ({"model": {"depth": 2.5}}, "model.depth", "must be an integer"),
+    ({"pretrain": {"lr": "fast"}}, "pretrain.lr", "must be a number"),
+    ({"pretrain": {"epochs": True}}, "pretrain.epochs", "must be an integer"),
+    ({"data": {"source": "mnist"}}, "data.source", "must be one of"),
+    ({"finetune": {"runs": {"x": {"variant": "shuffle"}}}}, "finetune.runs.x.variant",
+     "must be one of"),
+    ({"model": {"depth": 0}}, "model.depth", "must be >= 1"),
+    ({"pretrain": {"lr": -0.1}}, "pretrain.lr", "must be > 0"),
+    ({"finetune": {"batch_size": 0}}, "finetune.batch_size", "must be >= 1"),
+    ({"model": {"patch_size": 5}}, "model.patch_size", "must divide data.image_size=32"),
+    ({"model": {"num_heads": 3}}, "model.num_heads", "must divide model.embed_dim=64"),
+    ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "must be in (0, 1)"),
+    ({"data": {"source": "npz"}}, "data.path", "is required"),
+    ({"evaluate": {"num_orders": 0}}, "evaluate.num_orders", "must be >= 1"),
+    ({"pretrain": {"warmup_epochs": 50}}, "pretrain.warmup_epochs", "must be in [0, epochs"),
+    ({"finetune": {"runs": {"a/b": {"variant": "ls"}}}}, "finetune.runs.a/b", "run names"),
+    ({"model": "big"}, "model", "must be a mapping"),
+])
+def test_bad_settings_name_the_key(raw, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw)
+    message = str(info.value)
+    assert message.startswith(key + ":"), message
+    assert fragment in message, message
+
+
+def test_load_settings_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"model": {"depth": -1}}))
+    with pytest.raises(ConfigError, match=r"params.yaml: model.depth: must be >= 1"):
+        load_settings(path)
+    with pytest.raises(ConfigError, match="no such parameters file"):
+        load_settings(tmp_path / "missing.yaml")
+    path.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(path)
+
+
+def test_overrides_are_validated_like_the_file():
+    settings = settings_from_dict({}, {"model.depth": 3, "finetune.epochs": 2})
+    assert settings.model.depth == 3 and settings.finetune.epochs == 2
+    with pytest.raises(ConfigError, match="model.depth: must be >= 1"):
+        settings_from_dict({}, {"model.depth": 0})
+    with pytest.raises(ConfigError, match="model.nope: unknown key"):
+        settings_from_dict({}, {"model.nope": 1})

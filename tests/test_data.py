@@ -1,0 +1,512 @@
+"""Tests for anyorder.data: every source on real on-disk fixtures, the split, the atomic write."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anyorder import data
+from anyorder.data import DataError, RawDataset
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixture writers: the real on-disk formats, built small
+# ---------------------------------------------------------------------------------------------
+
+def _pickle(file: Path, obj: dict) -> None:
+    with open(file, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def _cifar_rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+@pytest.fixture()
+def cifar10_dir(tmp_path: Path) -> Path:
+    """cifar-10-batches-py/ with 5 train batches + test_batch of 4 images each, 10 classes."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        rows = _cifar_rows(4, b)
+        if b == 0:
+            rows[0] = 0
+            rows[0, :1024] = 255               # image 0: pure red
+            rows[1] = 0
+            rows[1, 1024 + 1 * 32 + 5] = 77    # image 1: green plane, row 1, column 5
+        labels = [(4 * b + i) % 10 for i in range(4)]
+        _pickle(folder / name, {b"batch_label": name.encode(), b"labels": labels,
+                                b"data": rows, b"filenames": [b"x.png"] * 4})
+    _pickle(folder / "batches.meta", {b"label_names": [n.encode() for n in CIFAR10_NAMES],
+                                      b"num_cases_per_batch": 4, b"num_vis": 3072})
+    return folder
+
+
+@pytest.fixture()
+def cifar100_dir(tmp_path: Path) -> Path:
+    """cifar-100-python/ with train (100 images, one per fine class) and test (10 images)."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    train = _cifar_rows(100, 0)
+    train[3] = 0
+    train[3, 2048:] = 255                      # image 3: pure blue
+    _pickle(folder / "train", {b"data": train, b"fine_labels": list(range(100)),
+                               b"coarse_labels": [i // 5 for i in range(100)]})
+    _pickle(folder / "test", {b"data": _cifar_rows(10, 1), b"fine_labels": list(range(10)),
+                              b"coarse_labels": [0] * 10})
+    _pickle(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                              b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    return folder
+
+
+@pytest.fixture()
+def image_folder(tmp_path: Path) -> Path:
+    """cat/: two grayscale PNGs (12x10, 20x20); dog/: a colour JPEG (16x8) and a .PNG."""
+    root = tmp_path / "pets"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.fromarray(np.full((10, 12), 200, np.uint8), mode="L").save(root / "cat" / "a.png")
+    Image.fromarray(np.full((20, 20), 50, np.uint8), mode="L").save(root / "cat" / "b.png")
+    red = np.zeros((8, 16, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(red).save(root / "dog" / "c.jpg", quality=95)
+    Image.fromarray(np.full((6, 6, 3), 90, np.uint8)).save(root / "dog" / "D.PNG")
+    (root / "dog" / "notes.txt").write_text("not an image")  # ignored: not an image extension
+    return root
+
+
+def _write_npz(file: Path, **arrays) -> str:
+    np.savez(file, **arrays)
+    return str(file)
+
+
+def _balanced_npz(file: Path, n_per_class: int = 10, classes: int = 3, size: int = 6) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n_per_class * classes, size, size, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(classes), n_per_class)
+    return _write_npz(file, x=x, y=y,
+                      class_names=np.array([f"c{i}" for i in range(classes)]))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+def test_registry_lists_all_sources():
+    assert set(data.SOURCES) == {"digits", "cifar10", "cifar100", "imagefolder", "npz"}
+
+
+def test_digits():
+    raw = data.load_source("digits", None)
+    assert isinstance(raw, RawDataset)
+    assert raw.images.shape == (1797, 8, 8, 3) and raw.images.dtype == np.uint8
+    assert raw.labels.shape == (1797,) and raw.labels.dtype == np.int64
+    assert raw.class_names == [str(i) for i in range(10)]
+    assert set(np.unique(raw.labels)) == set(range(10))
+    assert raw.images.min() == 0 and raw.images.max() == 255
+    # Grayscale replicated to RGB.
+    assert np.array_equal(raw.images[..., 0], raw.images[..., 2])
+
+
+@pytest.mark.parametrize("use_parent", [False, True])
+def test_cifar10(cifar10_dir: Path, use_parent: bool):
+    path = cifar10_dir.parent if use_parent else cifar10_dir
+    raw = data.load_source("cifar10", str(path))
+    assert raw.images.shape == (24, 32, 32, 3) and raw.images.dtype == np.uint8
+    assert raw.labels.dtype == np.int64
+    assert raw.labels.tolist() == [i % 10 for i in range(24)]
+    assert raw.class_names == CIFAR10_NAMES
+    # Channel-first rows decode to channels-last images.
+    assert (raw.images[0, :, :, 0] == 255).all()
+    assert (raw.images[0, :, :, 1:] == 0).all()
+    assert raw.images[1, 1, 5, 1] == 77 and raw.images[1].sum() == 77
+    # test_batch comes last: its first row is the 21st image.
+    with open(cifar10_dir / "test_batch", "rb") as f:
+        test_rows = pickle.load(f, encoding="bytes")[b"data"]
+    assert np.array_equal(raw.images[20], test_rows[0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("use_parent", [False, True])
+def test_cifar100(cifar100_dir: Path, use_parent: bool):
+    path = cifar100_dir.parent if use_parent else cifar100_dir
+    raw = data.load_source("cifar100", str(path))
+    assert raw.images.shape == (110, 32, 32, 3)
+    assert raw.labels.tolist() == list(range(100)) + list(range(10))
+    assert raw.class_names == [f"fine{i}" for i in range(100)]
+    assert (raw.images[3, :, :, 2] == 255).all() and (raw.images[3, :, :, :2] == 0).all()
+
+
+def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
+    (cifar10_dir / "data_batch_3").unlink()
+    with pytest.raises(DataError) as info:
+        data.load_source("cifar10", str(cifar10_dir.parent))
+    message = str(info.value)
+    assert "cifar-10-batches-py" in message and "data_batch_3" in message
+    assert "batches.meta" in message  # the full list of expected files
+
+
+def test_cifar_corrupt_pickle_names_file(cifar100_dir: Path):
+    (cifar100_dir / "test").write_bytes(b"garbage, not a pickle")
+    with pytest.raises(DataError, match="test"):
+        data.load_source("cifar100", str(cifar100_dir))
+
+
+def test_imagefolder(image_folder: Path):
+    raw = data.load_source("imagefolder", str(image_folder))
+    assert raw.class_names == ["cat", "dog"]
+    assert raw.labels.tolist() == [0, 0, 1, 1]
+    # Every image resized to the first one read (cat/a.png: 12 wide, 10 high).
+    assert raw.images.shape == (4, 10, 12, 3) and raw.images.dtype == np.uint8
+    assert (raw.images[0] == 200).all()          # grayscale replicated to 3 channels
+    assert (raw.images[1] == 50).all()
+    # Files are read in sorted path order, where upper case comes first.
+    assert (raw.images[2] == 90).all()           # dog/D.PNG: upper-case extension
+    jpeg = raw.images[3].astype(int)             # dog/c.jpg: red, up to JPEG error
+    assert (jpeg[..., 0] > 230).all() and (jpeg[..., 1:] < 25).all()
+
+
+def test_npz_gray_with_class_names(tmp_path: Path):
+    x = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 2, 1]),
+                      class_names=np.array(["ant", "bee", "cow"]))
+    raw = data.load_source("npz", file)
+    assert raw.images.shape == (4, 5, 6, 3)
+    assert all(np.array_equal(raw.images[..., c], x) for c in range(3))
+    assert raw.labels.dtype == np.int64 and raw.labels.tolist() == [0, 1, 2, 1]
+    assert raw.class_names == ["ant", "bee", "cow"]
+
+
+def test_npz_rgb_without_class_names(tmp_path: Path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 3, 2, 1], dtype=np.int32))
+    raw = data.load_source("npz", file)
+    assert np.array_equal(raw.images, x)
+    assert raw.class_names == ["0", "1", "2", "3"]
+
+
+def test_npz_single_channel(tmp_path: Path):
+    x = np.full((2, 3, 3, 1), 7, np.uint8)
+    raw = data.load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])))
+    assert raw.images.shape == (2, 3, 3, 3) and (raw.images == 7).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resizing and splitting
+# ---------------------------------------------------------------------------------------------
+
+def test_resize_images():
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    out = data.resize_images(images, 16)
+    assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(images[1]).resize((16, 16), Image.BILINEAR))
+    assert np.array_equal(out[1], expected)
+    same = data.resize_images(out, 16)
+    assert np.array_equal(same, out) and same is not out
+    same[0, 0, 0, 0] ^= 1
+    assert not np.array_equal(same, out)  # a copy, not a view
+
+
+def test_stratified_split_properties():
+    labels = np.repeat(np.arange(4), [20, 40, 60, 100])
+    splits = data.stratified_split(labels, 0.2, 0.25, seed=3)
+    assert set(splits) == {"train", "val", "test"}
+    joined = np.concatenate(list(splits.values()))
+    assert len(joined) == len(labels) and set(joined.tolist()) == set(range(len(labels)))
+    for index in splits.values():
+        assert index.dtype == np.int64 and np.all(np.diff(index) > 0)
+    for cls, n in enumerate([20, 40, 60, 100]):
+        assert (labels[splits["test"]] == cls).sum() == round(n * 0.25)
+        assert (labels[splits["val"]] == cls).sum() == round(n * 0.2)
+        assert (labels[splits["train"]] == cls).sum() == n - round(n * 0.25) - round(n * 0.2)
+
+
+def test_stratified_split_seeded():
+    labels = np.repeat(np.arange(3), 30)
+    a = data.stratified_split(labels, 0.2, 0.2, seed=0)
+    b = data.stratified_split(labels, 0.2, 0.2, seed=0)
+    c = data.stratified_split(labels, 0.2, 0.2, seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["test"], c["test"])
+
+
+def test_stratified_split_small_class_gets_one_each():
+    labels = np.array([0, 0, 0] + [1] * 10)
+    splits = data.stratified_split(labels, 0.1, 0.1, seed=0)
+    for index in splits.values():
+        assert (labels[index] == 0).sum() == 1
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_too_few_images_per_class(count: int):
+    # 2 images are always too few; with test 0.5 a 3-image class gets n_test = round(1.5) = 2,
+    # n_val = 1 and so no training image.
+    labels = np.array([0] * 20 + [1] * count)
+    with pytest.raises(DataError) as info:
+        data.stratified_split(labels, 0.45, 0.5, seed=0, class_names=["big", "tiny"])
+    assert "'tiny'" in str(info.value) and f"only {count} image" in str(info.value)
+
+
+def test_too_few_images_in_prepare(tmp_path: Path):
+    x = np.zeros((12, 4, 4, 3), np.uint8)
+    y = np.array([0] * 10 + [1] * 2)
+    file = _write_npz(tmp_path / "d.npz", x=x, y=y, class_names=np.array(["many", "few"]))
+    with pytest.raises(DataError, match="'few'.*only 2 image"):
+        data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_dataset end to end, and atomicity
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_digits(tmp_path: Path):
+    out = tmp_path / "prepared"
+    meta = data.prepare_dataset("digits", None, 16, 0.15, 0.2, 7, out)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz",
+                                                     "val.npz"]
+    assert data.load_meta(out) == meta
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert meta["source"] == "digits" and meta["path"] is None
+    assert meta["image_size"] == 16 and meta["num_classes"] == 10
+    assert meta["class_names"] == [str(i) for i in range(10)]
+    assert meta["split_seed"] == 7 and meta["val_fraction"] == 0.15
+    assert meta["test_fraction"] == 0.2
+    assert sum(meta["counts"].values()) == 1797
+    raw = data.load_source("digits", None)
+    resized = data.resize_images(raw.images, 16)
+    seen = []
+    for split in ("train", "val", "test"):
+        x, y = data.load_split(out, split)
+        assert x.shape == (meta["counts"][split], 16, 16, 3) and x.dtype == np.uint8
+        assert y.dtype == np.int64
+        assert np.bincount(y, minlength=10).tolist() == meta["class_counts"][split]
+        with np.load(out / f"{split}.npz") as archive:
+            index = archive["index"]
+        assert index.dtype == np.int64
+        assert np.array_equal(x, resized[index]) and np.array_equal(y, raw.labels[index])
+        seen.append(index)
+    assert sorted(np.concatenate(seen).tolist()) == list(range(1797))
+    assert _leftovers(tmp_path) == []
+
+
+def test_prepare_npz_and_rerun_replaces(tmp_path: Path):
+    file = _balanced_npz(tmp_path / "d.npz")
+    out = tmp_path / "sub" / "prepared"        # parent created on demand
+    meta = data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, out)
+    assert meta["path"] == file and meta["class_names"] == ["c0", "c1", "c2"]
+    assert meta["counts"] == {"train": 18, "val": 6, "test": 6}
+    assert meta["class_counts"] == {"train": [6, 6, 6], "val": [2, 2, 2], "test": [2, 2, 2]}
+    x, y = data.load_split(out, "val")
+    assert x.shape == (6, 8, 8, 3) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    # A second run with other settings replaces the whole directory.
+    (out / "stale.txt").write_text("from an older run")
+    data.prepare_dataset("npz", file, 4, 0.2, 0.2, 1, out)
+    assert not (out / "stale.txt").exists()
+    assert data.load_split(out, "train")[0].shape[1:] == (4, 4, 3)
+    assert _leftovers(out.parent) == []
+
+
+def test_prepare_failure_leaves_old_output(tmp_path: Path):
+    out = tmp_path / "prepared"
+    data.prepare_dataset("npz", _balanced_npz(tmp_path / "d.npz"), 8, 0.2, 0.2, 0, out)
+    before = _snapshot(out)
+    with pytest.raises(DataError, match="no_such_source"):
+        data.prepare_dataset("no_such_source", None, 8, 0.2, 0.2, 0, out)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_prepare_failure_while_writing_leaves_old_output(tmp_path: Path, monkeypatch):
+    out = tmp_path / "prepared"
+    file = _balanced_npz(tmp_path / "d.npz")
+    data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, out)
+    before = _snapshot(out)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    # Fails after the three .npz files were already written to the temporary directory.
+    monkeypatch.setattr(data, "_write_meta", fail)
+    with pytest.raises(OSError, match="disk full"):
+        data.prepare_dataset("npz", file, 4, 0.2, 0.2, 1, out)
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_prepare_failure_during_swap_restores_old_output(tmp_path: Path, monkeypatch):
+    out = tmp_path / "prepared"
+    file = _balanced_npz(tmp_path / "d.npz")
+    data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, out)
+    before = _snapshot(out)
+
+    def fail(src, dst):
+        raise OSError("cross-device link")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="cross-device"):
+        data.prepare_dataset("npz", file, 4, 0.2, 0.2, 1, out)
+    monkeypatch.undo()
+    assert _snapshot(out) == before and _leftovers(tmp_path) == []
+
+
+def test_prepare_refuses_foreign_directory(tmp_path: Path):
+    out = tmp_path / "my_documents"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(DataError, match="my_documents"):
+        data.prepare_dataset("digits", None, 8, 0.2, 0.2, 0, out)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_load_split_missing_says_run_prepare(tmp_path: Path):
+    with pytest.raises(DataError, match="prepare") as info:
+        data.load_split(tmp_path / "nothing", "train")
+    assert "train.npz" in str(info.value)
+    with pytest.raises(DataError, match="meta.json"):
+        data.load_meta(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: DataError naming the offending file, path or class
+# ---------------------------------------------------------------------------------------------
+
+def test_unknown_source_lists_known():
+    with pytest.raises(DataError) as info:
+        data.load_source("mnist", None)
+    message = str(info.value)
+    assert "mnist" in message
+    assert all(name in message for name in data.SOURCES)
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar100", "imagefolder", "npz"])
+def test_missing_path(tmp_path: Path, source: str):
+    missing = tmp_path / "does_not_exist"
+    with pytest.raises(DataError, match="does_not_exist"):
+        data.load_source(source, str(missing))
+
+
+@pytest.mark.parametrize("source", ["cifar10", "cifar100", "imagefolder", "npz"])
+def test_path_not_set(source: str):
+    with pytest.raises(DataError, match="needs a path"):
+        data.load_source(source, None)
+
+
+def test_imagefolder_empty_class(image_folder: Path):
+    (image_folder / "emu").mkdir()
+    (image_folder / "emu" / "readme.txt").write_text("no pictures yet")
+    with pytest.raises(DataError, match="class folder 'emu' has no images"):
+        data.load_source("imagefolder", str(image_folder))
+
+
+def test_imagefolder_no_class_folders(tmp_path: Path):
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="flat.*no class sub-folders"):
+        data.load_source("imagefolder", str(tmp_path / "flat"))
+
+
+def test_imagefolder_not_a_directory(tmp_path: Path):
+    file = tmp_path / "a_file.png"
+    file.write_bytes(b"x")
+    with pytest.raises(DataError, match="a_file.png"):
+        data.load_source("imagefolder", str(file))
+
+
+def test_imagefolder_unreadable_image(image_folder: Path):
+    (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG this is not really a png")
+    with pytest.raises(DataError, match="broken.png"):
+        data.load_source("imagefolder", str(image_folder))
+
+
+def test_imagefolder_single_class_rejected_by_prepare(tmp_path: Path):
+    (tmp_path / "only" / "one").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "only" / "one" / "a.png")
+    with pytest.raises(DataError, match="at least 2"):
+        data.prepare_dataset("imagefolder", str(tmp_path / "only"), 8, 0.2, 0.2, 0,
+                             tmp_path / "out")
+
+
+def test_npz_label_out_of_range(tmp_path: Path):
+    file = _write_npz(tmp_path / "bad_labels.npz", x=np.zeros((3, 4, 4), np.uint8),
+                      y=np.array([0, 1, 5]), class_names=np.array(["a", "b"]))
+    with pytest.raises(DataError, match=r"bad_labels\.npz.*label 5"):
+        data.load_source("npz", file)
+
+
+def test_npz_negative_label(tmp_path: Path):
+    file = _write_npz(tmp_path / "neg.npz", x=np.zeros((3, 4, 4), np.uint8),
+                      y=np.array([0, -2, 1]))
+    with pytest.raises(DataError, match=r"neg\.npz.*label -2"):
+        data.load_source("npz", file)
+
+
+def test_npz_length_mismatch(tmp_path: Path):
+    file = _write_npz(tmp_path / "mismatch.npz", x=np.zeros((5, 4, 4), np.uint8),
+                      y=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match=r"mismatch\.npz.*5 images.*3 labels"):
+        data.load_source("npz", file)
+
+
+def test_npz_wrong_dtype(tmp_path: Path):
+    file = _write_npz(tmp_path / "floaty.npz", x=np.zeros((3, 4, 4, 3), np.float32),
+                      y=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match=r"floaty\.npz.*float32.*astype\(np\.uint8\)"):
+        data.load_source("npz", file)
+
+
+def test_npz_float_labels(tmp_path: Path):
+    file = _write_npz(tmp_path / "flabels.npz", x=np.zeros((3, 4, 4), np.uint8),
+                      y=np.array([0.0, 1.0, 0.0]))
+    with pytest.raises(DataError, match=r"flabels\.npz.*integer"):
+        data.load_source("npz", file)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (3, 4, 4, 2), (3, 4, 4, 3, 1)])
+def test_npz_wrong_shape(tmp_path: Path, shape):
+    file = _write_npz(tmp_path / "shape.npz", x=np.zeros(shape, np.uint8), y=np.array([0, 1, 0]))
+    with pytest.raises(DataError, match=r"shape\.npz"):
+        data.load_source("npz", file)
+
+
+@pytest.mark.parametrize("missing", ["x", "y"])
+def test_npz_missing_key(tmp_path: Path, missing: str):
+    arrays = {"x": np.zeros((2, 4, 4), np.uint8), "y": np.array([0, 1])}
+    del arrays[missing]
+    file = _write_npz(tmp_path / "partial.npz", **arrays)
+    with pytest.raises(DataError, match=rf"partial\.npz.*missing array '{missing}'"):
+        data.load_source("npz", file)
+
+
+def test_npz_not_an_archive(tmp_path: Path):
+    file = tmp_path / "junk.npz"
+    file.write_bytes(b"definitely not a zip")
+    with pytest.raises(DataError, match=r"junk\.npz"):
+        data.load_source("npz", str(file))
+
+
+def test_npz_empty_class_named(tmp_path: Path):
+    file = _write_npz(tmp_path / "gap.npz", x=np.zeros((4, 4, 4), np.uint8),
+                      y=np.array([0, 0, 2, 2]), class_names=np.array(["a", "b", "c"]))
+    with pytest.raises(DataError, match=r"gap\.npz.*class 1 \('b'\) has no images"):
+        data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, tmp_path / "out")
+
+
+@pytest.mark.parametrize("val, test", [(0.0, 0.2), (0.2, 1.0), (0.5, 0.5)])
+def test_bad_fractions(val: float, test: float):
+    with pytest.raises(DataError, match="fraction"):
+        data.stratified_split(np.repeat(np.arange(2), 10), val, test, seed=0)

@@ -1,0 +1,144 @@
+"""Training: the paper's phenomenon on tiny data, resume after a kill, recorded orders."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from anyorder.config import TrainConfig
+from anyorder.evaluate import evaluate_orders
+from anyorder.train import STATE_FILE, lr_factor, train_model
+
+from conftest import tiny_model
+
+FAST = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
+                   schedule="cosine", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained_pair(digits16):
+    """A sequential model and an LS fine-tune of it, on real digits at 16x16 (seconds each)."""
+    sequential = tiny_model("sequential")
+    train_model(sequential, digits16["train"], digits16["val"], FAST, seed=0, progress=False)
+    shuffled = tiny_model("ls")
+    shuffled.load_state_dict(sequential.state_dict())
+    result = train_model(shuffled, digits16["train"], digits16["val"],
+                         replace(FAST, epochs=10, schedule="linear", warmup_epochs=0), seed=0,
+                         progress=False)
+    return sequential, shuffled, result
+
+
+def test_sequential_model_collapses_when_shuffled_and_layershuffle_does_not(trained_pair, digits16):
+    sequential, shuffled, _ = trained_pair
+    test = digits16["test"]
+    seq = evaluate_orders(sequential, *test, num_orders=20, seed=7)
+    ls = evaluate_orders(shuffled, *test, num_orders=20, seed=7)
+    assert seq["sequential"] >= 0.85, seq["sequential"]
+    # The phenomenon of the paper: order matters to a sequentially trained model...
+    assert seq["arbitrary"]["mean"] <= seq["sequential"] - 0.15, seq["arbitrary"]
+    # ...and LayerShuffle removes that dependence at little cost.
+    assert ls["arbitrary"]["mean"] >= seq["sequential"] - 0.08, ls["arbitrary"]
+    assert ls["arbitrary"]["min"] >= seq["arbitrary"]["mean"] + 0.15
+
+
+def test_layershuffle_training_records_one_order_per_step(trained_pair, digits16):
+    _, _, result = trained_pair
+    steps = 10 * int(np.ceil(len(digits16["train"][1]) / 64))
+    assert len(result.orders) == steps
+    assert all(sorted(order) == [0, 1, 2, 3] for order in result.orders)
+    assert len({tuple(o) for o in result.orders}) > 10  # really random, not one order
+
+
+def test_orders_are_reproducible_from_the_seed(digits16):
+    small = (digits16["train"][0][:128], digits16["train"][1][:128])
+    runs = []
+    for seed in (0, 0, 1):
+        model = tiny_model("ls")
+        runs.append(train_model(model, small, digits16["val"], replace(FAST, epochs=2), seed=seed,
+                                progress=False).orders)
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_ls_pred_learns_to_predict_slots(digits16):
+    model = tiny_model("ls_pred")
+    result = train_model(model, digits16["train"], digits16["val"], replace(FAST, epochs=4),
+                         seed=0, progress=False)
+    losses = [r["train_position_loss"] for r in result.history]
+    assert losses[-1] < losses[0] * 0.7, losses  # chance is log(4) = 1.39
+
+
+def test_per_sample_order_sampling_trains(digits16):
+    small = (digits16["train"][0][:128], digits16["train"][1][:128])
+    model = tiny_model("ls")
+    result = train_model(model, small, digits16["val"],
+                         replace(FAST, epochs=1, order_sampling="sample"), seed=0, progress=False)
+    assert result.orders == [] and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [lr_factor(step, 100, 10, "cosine") for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.01
+    assert lr_factor(50, 100, 0, "linear") == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "constant") == 1.0
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_model
+    from anyorder.config import TrainConfig
+    from anyorder.train import train_model
+    data = np.load({data!r})
+    train, val = (data["x"], data["y"]), (data["vx"], data["vy"])
+    def die(epoch, record):
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, as a crash or OOM kill
+    train_model(tiny_model("ls"), train, val, TrainConfig(epochs=4, lr=2e-3, device="cpu"),
+                seed=5, state_dir={state!r}, on_epoch_end=die, progress=False)
+""")
+
+
+def test_training_killed_midway_resumes_and_matches_an_uninterrupted_run(digits16, tmp_path):
+    train = (digits16["train"][0][:256], digits16["train"][1][:256])
+    val = digits16["val"]
+    data = tmp_path / "data.npz"
+    np.savez(data, x=train[0], y=train[1], vx=val[0], vy=val[1])
+    state = tmp_path / "state"
+    script = KILLED_RUN.format(tests=os.path.dirname(__file__), data=str(data), state=str(state))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (state / STATE_FILE).is_file()
+    assert not [p for p in state.iterdir() if p.name.endswith(".tmp")]
+
+    cfg = TrainConfig(epochs=4, lr=2e-3, device="cpu")
+    resumed_model = tiny_model("ls")
+    resumed = train_model(resumed_model, train, val, cfg, seed=5, state_dir=state, progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
+
+    fresh_model = tiny_model("ls")
+    fresh = train_model(fresh_model, train, val, cfg, seed=5, progress=False)
+    assert fresh.orders == resumed.orders
+    for (name, a), b in zip(fresh_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_state_from_other_settings_is_not_resumed(digits16, tmp_path):
+    train = (digits16["train"][0][:128], digits16["train"][1][:128])
+    cfg = TrainConfig(epochs=1, lr=2e-3, device="cpu")
+    train_model(tiny_model("ls"), train, digits16["val"], cfg, seed=0, state_dir=tmp_path,
+                progress=False)
+    other = train_model(tiny_model("ls"), train, digits16["val"], replace(cfg, lr=1e-3, epochs=2),
+                        seed=0, state_dir=tmp_path, progress=False)
+    assert other.resumed_from_epoch == 0 and len(other.history) == 2
+    info = json.loads(__import__("safetensors").safe_open(
+        str(tmp_path / STATE_FILE), "pt").metadata()["training_state"])
+    assert info["epoch"] == 2
