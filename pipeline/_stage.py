@@ -18,6 +18,10 @@ for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                       "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}.items():
     os.environ.setdefault(_name, _value)
 
+# Use the library next to this file, not whichever copy is installed: under `dvc exp run --temp`
+# or in a copy of the project, the code DVC hashed as a dependency is the code that must run.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 from anyorder.config import ConfigError, Settings, load_settings  # noqa: E402
 
 

@@ -15,7 +15,7 @@ def main() -> None:
     run = run_or_exit(settings, args.run)
     start = load_model(PRETRAINED)
     spec = model_spec(settings, start.spec.class_names, run.variant)
-    model = build_model(spec)
+    model = build_model(spec, seed=run.seed)  # seeds the variant's new parts
     # Variant-only parts (LS-pos adapters, LS-pred heads) keep their fresh initialisation.
     load_model_into(model, PRETRAINED, strict=False)
     cfg = settings.finetune

@@ -11,8 +11,8 @@ def main() -> None:
     settings = settings_or_exit(args.params)
     meta = load_meta(PREPARED)
     spec = model_spec(settings, meta["class_names"], "sequential")
-    model = build_model(spec, settings.model.pretrained)
     cfg = settings.pretrain
+    model = build_model(spec, settings.model.pretrained, seed=cfg.seed)
     params = {"model": settings.to_dict()["model"], "pretrain": settings.to_dict()["pretrain"]}
     result = train_and_save("pretrain", settings, args.params, model, cfg, cfg.seed, PRETRAINED,
                             "pretrain", params, fingerprint_extra=file_digest(PREPARED / "train.npz"))

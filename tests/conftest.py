@@ -13,7 +13,8 @@ for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
 from anyorder.data import load_split, prepare_dataset  # noqa: E402
 from anyorder.model import ModelSpec, build_model  # noqa: E402
 
-torch.set_num_threads(2)
+# Tiny models gain nothing from more threads, and OpenMP pools thrash when the machine is busy.
+torch.set_num_threads(1)
 
 
 def tiny_spec(variant: str = "sequential", depth: int = 4, **overrides) -> ModelSpec:

@@ -147,3 +147,11 @@ def test_patch_embedding_has_a_nontrivial_nullspace_by_default():
     assert 3 * m.patch_size ** 2 > m.embed_dim
     weight = tiny_model().vit.patch_embed.proj.weight.detach().reshape(32, -1).numpy()
     assert weight.shape[1] - np.linalg.matrix_rank(weight) > 0
+
+
+def test_initialisation_is_seeded_and_leaves_global_state_alone():
+    state = torch.random.get_rng_state()
+    a, b, c = (build_model(tiny_spec("ls_pos"), seed=s) for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.vit.blocks[0].attn.qkv.weight, c.vit.blocks[0].attn.qkv.weight)

@@ -17,7 +17,7 @@ from anyorder.train import STATE_FILE, lr_factor, train_model
 
 from conftest import tiny_model
 
-FAST = TrainConfig(epochs=12, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=1,
+FAST = TrainConfig(epochs=25, batch_size=64, lr=3e-3, weight_decay=0.05, warmup_epochs=1,
                    schedule="cosine", device="cpu")
 
 
@@ -29,7 +29,7 @@ def trained_pair(digits16):
     shuffled = tiny_model("ls")
     shuffled.load_state_dict(sequential.state_dict())
     result = train_model(shuffled, digits16["train"], digits16["val"],
-                         replace(FAST, epochs=10, schedule="linear", warmup_epochs=0), seed=0,
+                         replace(FAST, epochs=10, lr=2e-3, schedule="linear", warmup_epochs=0), seed=0,
                          progress=False)
     return sequential, shuffled, result
 

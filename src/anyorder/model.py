@@ -247,12 +247,18 @@ class AnyOrderViT(nn.Module):
         return kept
 
 
-def build_model(spec: ModelSpec, pretrained: str = "none") -> AnyOrderViT:
+def build_model(spec: ModelSpec, pretrained: str = "none", seed: Optional[int] = None
+                ) -> AnyOrderViT:
     """Create the timm ViT named by `spec.arch` with its overrides and wrap it.
 
     `pretrained`: "none", "timm" (timm's weights: needs the model hub or its local cache), or a
-    path to a local checkpoint of timm weights for that architecture.
+    path to a local checkpoint of timm weights for that architecture. `seed` makes the random
+    initialisation reproducible without touching the caller's global random state.
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(spec, pretrained)
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
