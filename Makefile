@@ -39,3 +39,22 @@ test-fast: setup
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# --- Scheduled runs (Prefect) ---
+# `make serve`: a local Prefect server (127.0.0.1:4200, SQLite under $(PREFECT_HOME)) serving the
+# pipeline deployment on the cron schedule of pipeline/schedule.yaml; Ctrl-C stops serve, then the
+# server. `make trigger`: ask the served deployment for a run now. `make flow-run`: one flow run
+# in the foreground. Overrides as for `dvc exp run -S`, space-separated:
+#   make trigger S="pretrain.epochs=5 evaluate.num_orders=10"
+# Another schedule for a try-out: make serve CRON="*/5 * * * *".
+.PHONY: serve trigger flow-run
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+serve: setup
+	$(PY) pipeline/scheduler.py $(if $(CRON),--cron "$(CRON)")
+
+trigger: setup
+	$(PY) pipeline/flow.py trigger $(foreach s,$(S),-S "$(s)")
+
+flow-run: setup
+	$(PY) pipeline/flow.py run $(foreach s,$(S),-S "$(s)")

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from anyorder.config import ConfigError, Settings, load_settings  # noqa: E402
 
 
-def project_root() -> Path:
+def project_root(stage_file: Optional[Path] = None) -> Path:
     """The project directory (also under `dvc exp run --temp`, which runs in .dvc/tmp/exps/...)."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(stage_file or __file__).resolve().parents[1])
     marker = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
     return Path(root.split(marker)[0]) if marker in root else Path(root)
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                       "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
@@ -37,3 +40,37 @@ def digits16(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits16") / "prepared"
     prepare_dataset("digits", None, 16, 0.15, 0.2, 0, out)
     return {split: load_split(out, split) for split in ("train", "val", "test")}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The real pipeline, shrunk: a full `dvc repro` in well under a minute on 2 CPU cores.
+TINY_PIPELINE = {
+    "data": {"image_size": 16},
+    "model": {"patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2},
+    "pretrain": {"epochs": 1, "warmup_epochs": 0},
+    "finetune": {"epochs": 1, "runs": {"seq": {"variant": "sequential", "seed": 0},
+                                       "ls": {"variant": "ls", "seed": 0}}},
+    "evaluate": {"num_orders": 3},
+}
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and key != "runs"  # runs are replaced, not merged
+        out[key] = _merged(base.get(key) or {}, value) if nested else value
+    return out
+
+
+def copy_tiny_project(root: Path) -> Path:
+    """Copy this project's pipeline and library into `root` with TINY_PIPELINE params
+    (no git or DVC repository yet: callers init what they need)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, root / name)
+    for name in ("pipeline", "src"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PIPELINE)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root

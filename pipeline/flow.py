@@ -1,0 +1,258 @@
+"""Prefect flow that runs the DVC pipeline, one Prefect task per DVC stage.
+
+    python pipeline/flow.py run [-S key=value ...] [--force]   one run now (local server if up)
+    python pipeline/flow.py serve [--cron EXPR]                 serve the scheduled deployment
+    python pipeline/flow.py trigger [-S key=value ...]          ask the served deployment to run now
+(`python pipeline/scheduler.py` starts a local server and `serve` together; see its docstring.)
+
+Design:
+- The DAG comes from DVC (`Repo.index.graph`, read after the overrides are applied, since a
+  `foreach` over a parameter can add stages). Tasks run one at a time in topological order (DVC
+  holds a repo lock per command, and 2 cores gain nothing from parallel training); each task gets
+  its DVC upstream stages as `wait_for`, so Prefect's task graph has exactly DVC's edges.
+- A flow run is a DVC experiment run in the workspace, like `dvc exp run -S`: validated overrides
+  are written into params.yaml, each stage runs as `dvc repro --single-item <stage>` (unchanged
+  stages are skipped from DVC's cache), then `dvc exp save` records params, dvc.lock, metrics and
+  outputs as an experiment named after the flow run.
+- Bad overrides (unknown key, wrong type, out of range) raise ConfigError before any stage runs.
+- Stage output is streamed line by line into the task's Prefect log. A failing stage is retried
+  (`retries`, `retry_delay_seconds`); once it fails for good its outputs are removed (DVC leaves
+  them) and the flow run fails with the stage's last output lines in the exception.
+- MLflow: stages get ANYORDER_PIPELINE_RUN_ID / ANYORDER_PREFECT_FLOW_RUN_ID = the flow run id
+  and tag their runs with it; at the end the flow tags those runs with the DVC experiment name
+  and publishes a Prefect artifact listing them.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+try:  # imported as pipeline.flow
+    from . import dvc_graph as dg
+except ImportError:  # run as a script, or loaded by Prefect from its file path
+    import dvc_graph as dg
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
+FLOW_NAME = "anyorder-pipeline"
+TAIL_LINES = 40  # output lines of a failed stage quoted in the flow run's error
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero; the message ends with its last output lines."""
+
+
+def _stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    run_id = str(flow_run.get_id() or "")
+    env.update(ANYORDER_PIPELINE_RUN_ID=run_id, ANYORDER_PREFECT_FLOW_RUN_ID=run_id,
+               PYTHONUNBUFFERED="1")
+    # Stage commands say `python ...`: make that this interpreter, even outside an activated venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    for key, value in (("DVC_NO_ANALYTICS", "1"), ("DO_NOT_TRACK", "1"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        env.setdefault(key, value)
+    return env
+
+
+def _dvc(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(root: str, stage: str, force: bool = False) -> str:
+    """`dvc repro --single-item <stage>`, its output streamed into this task's log."""
+    logger = get_run_logger()
+    proc = _dvc(Path(root), "repro", "--single-item", stage, *(["--force"] if force else []))
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    started = False  # DVC deleted the outputs and ran the command (not: lock busy, dep missing)
+    for line in proc.stdout:
+        line = line.rstrip().rsplit("\r", 1)[-1]  # progress bars: keep the last redraw
+        logger.info("%s", line)
+        tail.append(line)
+        started = started or line.startswith(f"Running stage '{stage}'")
+    if proc.wait():
+        removed = [p for p in dg.stage_outputs(root, stage) if started and p.exists()]
+        for path in removed:  # no half-written outputs (DVC leaves what a failed command wrote)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}); removed outputs "
+                          f"{[p.name for p in removed]}; last output:\n" + "\n".join(tail))
+    return stage
+
+
+@task(cache_policy=NO_CACHE)
+def save_experiment(root: str) -> Optional[str]:
+    """`dvc exp save`: the workspace (params, dvc.lock, metrics, outputs) as a DVC experiment."""
+    logger = get_run_logger()
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root,
+                      capture_output=True).returncode:
+        logger.warning("%s is not a git repository with a commit: no DVC experiment saved", root)
+        return None
+    name = f"{flow_run.get_name()}-{str(flow_run.get_id())[-8:]}"  # ids are time-ordered: tail
+    proc = _dvc(Path(root), "exp", "save", "--name", name, "--message",
+                f"prefect flow run {flow_run.get_id()} ({flow_run.get_name()})",
+                *[arg for path in dg.experiment_files(root) for arg in ("-I", path)])
+    output = proc.communicate()[0]
+    logger.info("%s", output.strip())
+    if proc.returncode:
+        raise RuntimeError(f"dvc exp save failed:\n{output}")
+    return name
+
+
+def tracking_uri(root: Path) -> str:
+    """Where the stages log (as pipeline/_stage.py resolves it): mlflow.tracking_uri in params,
+    else $MLFLOW_TRACKING_URI, else the project's mlflow.db."""
+    configured = dg.load_settings(root / dg.PARAMS_FILE).mlflow.tracking_uri
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+@task(cache_policy=NO_CACHE)
+def link_mlflow(root: str, experiment: Optional[str]) -> list[str]:
+    """Tag this flow run's MLflow runs with the DVC experiment; list them in a Prefect artifact."""
+    logger, run_id = get_run_logger(), str(flow_run.get_id())
+    uri = tracking_uri(Path(root))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        logger.warning("no MLflow store at %s: no stage logged to MLflow", uri)
+        return []
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    client = mlflow.MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.`prefect.flow_run_id` = '{run_id}'") if ids else []
+    lines = [f"MLflow tracking URI `{uri}` (UI: `make mlflow-ui`), filter "
+             f"`tags.\"prefect.flow_run_id\" = '{run_id}'`; DVC experiment `{experiment}`", "",
+             "| stage run | MLflow experiment | run id |", "|---|---|---|"]
+    for run in runs:
+        if experiment:
+            client.set_tag(run.info.run_id, "dvc.experiment", experiment)
+        lines.append(f"| {run.info.run_name} | {run.info.experiment_id} | {run.info.run_id} |")
+        logger.info("MLflow run %s (%s) in experiment %s", run.info.run_id, run.info.run_name,
+                    run.info.experiment_id)
+    create_markdown_artifact("\n".join(lines), key="mlflow-runs",
+                             description="MLflow runs of this flow run")
+    return [run.info.run_id for run in runs]
+
+
+@flow(name=FLOW_NAME)
+def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, retries: int = 2,
+                  retry_delay_seconds: float = 10.0, save_exp: bool = True,
+                  project_dir: Optional[str] = None) -> dict[str, Any]:
+    """Run the DVC pipeline stage by stage. set_params: `dvc exp run -S` style key=value items."""
+    logger = get_run_logger()
+    root = Path(project_dir or ROOT).resolve()
+    overrides = dg.parse_overrides(set_params)
+    dg.validate_params(root, overrides)  # raises ConfigError naming the key; nothing ran yet
+    dg.apply_overrides(root, overrides)
+    stages, edges = dg.pipeline_graph(root)
+    logger.info("DVC pipeline in %s: %s; overrides %s", root, " -> ".join(stages), overrides)
+    stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    states: dict[str, Any] = {}
+    for name in stages:
+        upstream = [states[a] for a, b in sorted(edges) if b == name]
+        states[name] = stage_task(str(root), name, force, wait_for=upstream, return_state=True)
+        if states[name].is_failed():
+            states[name].result()  # raises the stage's error: the flow run fails with it
+    experiment = save_experiment(str(root)) if save_exp else None
+    mlflow_runs = link_mlflow(str(root), experiment)
+    return {"stages": stages, "experiment": experiment, "mlflow_runs": mlflow_runs}
+
+
+# ---------------------------------------------------------------------------------- command line
+def skip_missed_runs(deployment: str) -> int:
+    """Cancel runs the schedule created for times when nothing served it. Prefect would run them
+    all, back to back and with the parameters of back then, as soon as `serve` starts again;
+    like cron, the next scheduled run is the one that counts. Runs asked for by hand stay."""
+    from prefect import get_client
+    from prefect.client.schemas import filters as f
+    from prefect.states import Cancelled
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=f.FlowFilter(name=f.FlowFilterName(any_=[FLOW_NAME])),
+            deployment_filter=f.DeploymentFilter(name=f.DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=f.FlowRunFilter(
+                state=f.FlowRunFilterState(type=f.FlowRunFilterStateType(any_=["SCHEDULED"])),
+                expected_start_time=f.FlowRunFilterExpectedStartTime(before_=now)))
+        missed = [run for run in runs if run.auto_scheduled]
+        for run in missed:
+            client.set_flow_run_state(run.id, Cancelled(
+                message="missed: nothing served the deployment at its scheduled time"), force=True)
+    return len(missed)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["run", "serve", "trigger"])
+    parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="parameter override, as for `dvc exp run -S` (repeatable)")
+    parser.add_argument("--force", action="store_true", help="rerun stages even if cached")
+    parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--retry-delay", type=float, default=10.0)
+    parser.add_argument("--cron", help="serve: override the cron expression of the config")
+    parser.add_argument("--config", default=str(SCHEDULE_FILE), help="schedule config file")
+    parser.add_argument("--project-dir", help="DVC project to run (default: this repository)")
+    args = parser.parse_args(argv)
+    try:  # refuse bad input before contacting any server or running any stage
+        config = dg.load_schedule(args.config, args.cron)
+        if args.set_param or args.command == "run":
+            config["parameters"]["set_params"] = args.set_param
+        if args.project_dir:
+            config["parameters"]["project_dir"] = str(Path(args.project_dir).resolve())
+        dg.validate_params(config["parameters"].get("project_dir") or ROOT,
+                           dg.parse_overrides(config["parameters"].get("set_params")))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    api_url = os.environ.get("PREFECT_API_URL") or dg.api_url(config)
+    if args.command == "run":
+        if not os.environ.get("PREFECT_API_URL") and not dg.server_up(api_url):
+            api_url = None  # no local server running: Prefect starts a temporary one
+        with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
+            state = pipeline_flow(set_params=args.set_param, force=args.force,
+                                  retries=args.retries, retry_delay_seconds=args.retry_delay,
+                                  project_dir=config["parameters"].get("project_dir"),
+                                  return_state=True)
+        print(f"flow run {state.name}: {state.message or ''}", file=sys.stderr)
+        return 0 if state.is_completed() else 1
+    if not dg.server_up(api_url):
+        print(f"error: no Prefect server answers at {api_url} (start one with "
+              f"`python pipeline/scheduler.py`)", file=sys.stderr)
+        return 1
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        if args.command == "serve":
+            from prefect.schedules import Cron
+
+            if missed := skip_missed_runs(config["deployment"]):
+                print(f"cancelled {missed} scheduled run(s) missed while nothing was serving")
+            pipeline_flow.serve(name=config["deployment"], parameters=config["parameters"],
+                                schedule=Cron(config["cron"], timezone=config.get("timezone")),
+                                limit=1, tags=["dvc"], description="DVC pipeline on a schedule")
+            return 0
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(f"{FLOW_NAME}/{config['deployment']}", parameters=config["parameters"],
+                             timeout=0, as_subflow=False)
+        print(f"flow run {run.name} ({run.id}) scheduled; "
+              f"UI: {api_url.removesuffix('/api')}/runs/flow-run/{run.id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

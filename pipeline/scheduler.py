@@ -1,0 +1,145 @@
+"""Start a local Prefect server and serve the scheduled pipeline deployment; Ctrl-C stops both.
+
+    python pipeline/scheduler.py [--cron EXPR] [--config pipeline/schedule.yaml]   (= make serve)
+
+1. checks pipeline/schedule.yaml (cron, timezone, parameters) and params.yaml: refused before
+   anything starts if one is bad;
+2. starts `prefect server start` on the host/port of the config (127.0.0.1:4200), its SQLite
+   database under $PREFECT_HOME (default: <project>/.prefect), and waits until it is healthy
+   (if a server already answers there it is used, and left running at the end);
+3. runs `python pipeline/flow.py serve`, which registers the deployment with its cron schedule
+   and runs the flow runs it schedules (or that `make trigger` asks for);
+4. on Ctrl-C / SIGTERM (or if either child exits) stops the serve process first (it pauses the
+   schedule and marks its runs through the server's API, so it needs the server), then the
+   server: each gets SIGINT (a Ctrl-C), then SIGTERM/SIGKILL for anything left in its process
+   group (each child has its own), so no flow run, DVC stage or server process outlives this.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+ENV_DEFAULTS = {"PREFECT_HOME": str(ROOT / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def log(message: str) -> None:
+    print(f"[scheduler {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop(proc: subprocess.Popen | None, name: str, grace: float) -> None:
+    """SIGINT the child (as Ctrl-C would: Prefect's own clean shutdown), then SIGTERM and at
+    last SIGKILL whatever is left of its process group, so nothing it started survives."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log(f"{name} still running {grace:.0f} s after SIGINT")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_alive(proc.pid):
+            break
+        log(f"sending {sig.name} to what is left of {name}'s process group")
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+            time.sleep(0.1)
+    log(f"{name} stopped (exit {proc.wait()})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(HERE / "schedule.yaml"))
+    parser.add_argument("--cron", help="override the cron expression of the config")
+    parser.add_argument("--project-dir", help="DVC project the flow runs (default: this one)")
+    args = parser.parse_args(argv)
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+    import dvc_graph as dg
+    try:
+        config = dg.load_schedule(args.config, args.cron)
+        overrides = dg.parse_overrides(config["parameters"].get("set_params"))
+        dg.validate_params(args.project_dir or ROOT, overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server_cfg = config.get("server") or {}
+    host, port = str(server_cfg.get("host", "127.0.0.1")), int(server_cfg.get("port", 4200))
+    api_url = dg.api_url(config)
+    os.environ["PREFECT_API_URL"] = api_url
+
+    stopping, failed = False, False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        log(f"got {signal.Signals(signum).name}: shutting down")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    server = serve = None
+    try:
+        if dg.server_up(api_url):
+            log(f"a Prefect server already answers at {api_url}: using it (and leaving it up)")
+        else:
+            log(f"starting Prefect server on {host}:{port} "
+                f"(SQLite under {os.environ['PREFECT_HOME']})")
+            server = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                 "--port", str(port)], start_new_session=True,
+                env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+            started = time.monotonic()
+            while not dg.server_up(api_url):
+                if stopping or server.poll() is not None or time.monotonic() - started > 120:
+                    log("server did not become healthy" if not stopping else "stopped early")
+                    return 0 if stopping else 1
+                time.sleep(0.5)
+            log(f"server healthy after {time.monotonic() - started:.1f} s; UI at "
+                f"http://{host}:{port}")
+        serve = subprocess.Popen(
+            [sys.executable, str(HERE / "flow.py"), "serve", "--config", args.config,
+             *(["--project-dir", args.project_dir] if args.project_dir else []),
+             *(["--cron", args.cron] if args.cron else [])],
+            start_new_session=True)
+        log(f"serving deployment {config['deployment']!r} on cron {config['cron']!r} "
+            f"({config.get('timezone') or 'UTC'}); Ctrl-C to stop")
+        while not stopping:
+            for proc, name in ((serve, "serve"), (server, "server")):
+                if proc is not None and proc.poll() is not None:
+                    log(f"{name} exited unexpectedly (exit {proc.returncode})")
+                    stopping = failed = True
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
+        stop(serve, "serve", grace=10)   # first: it talks to the server while shutting down
+        stop(server, "server", grace=20)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The Prefect flow over the DVC pipeline (pipeline/flow.py).
+
+Fast tests run the flow on toy DVC projects made in tmp_path (stages are tiny python scripts);
+the slow one runs it on a copy of the real project with a tiny params.yaml. One Prefect test
+harness (a temporary SQLite server, ~15 s to start) is shared by the whole session.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+                     "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+    os.environ.setdefault(_key, _value)
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipeline"))
+
+import dvc_graph  # noqa: E402
+import flow as pflow  # noqa: E402
+from anyorder.config import ConfigError  # noqa: E402
+from conftest import copy_tiny_project  # noqa: E402
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
+
+STEP = """\
+import sys
+out, *deps = sys.argv[1:]
+text = "".join(open(d).read() for d in deps) + out + "\\n"
+open(out, "w").write(text)
+"""
+FLAKY = """\
+import os, sys
+marker = sys.argv[2]
+attempts = int(open(marker).read()) + 1 if os.path.exists(marker) else 1
+open(marker, "w").write(str(attempts))
+if attempts == 1:
+    sys.exit("transient failure on attempt 1")
+open(sys.argv[1], "w").write("ok")
+"""
+BROKEN = """\
+import sys
+open(sys.argv[1], "w").write("half")  # a half-written output, then a crash
+print("about to fail", flush=True)
+raise RuntimeError("boom: the stage broke")
+"""
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True,
+                   env={**os.environ, **GIT_ENV})
+
+
+def make_project(root: Path, extra: dict | None = None, chain: bool = True) -> Path:
+    """A git + DVC project: prepare -> pretrain -> finetune@{a,b} (foreach) -> report."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in {"step.py": STEP, "flaky.py": FLAKY, "broken.py": BROKEN}.items():
+        (root / name).write_text(text)
+    (root / "params.yaml").write_text(textwrap.dedent("""\
+        # toy parameters (the real schema, small values)
+        pretrain:
+          epochs: 1
+        finetune:
+          epochs: 1
+          runs:
+            a: {variant: ls, seed: 0}
+            b: {variant: sequential, seed: 1}
+        """))
+    stages: dict = {"prepare": {"cmd": "python step.py data.txt", "deps": ["step.py"],
+                                "outs": ["data.txt"]}}
+    if chain:
+        stages.update({
+            "pretrain": {"cmd": "python step.py pre.txt data.txt", "deps": ["data.txt"],
+                         "params": ["pretrain.epochs"], "outs": ["pre.txt"]},
+            "finetune": {"foreach": "${finetune.runs}", "do": {
+                "cmd": "python step.py ft_${key}.txt pre.txt", "deps": ["pre.txt"],
+                "params": ["finetune.epochs"], "outs": ["ft_${key}.txt"]}},
+            "report": {"cmd": "python step.py report.json ft_a.txt ft_b.txt",
+                       "deps": ["ft_a.txt", "ft_b.txt"],
+                       "metrics": [{"report.json": {"cache": False}}]},
+        })
+    stages.update(extra or {})
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "toy project")
+    return root
+
+
+def run_flow(root: Path, **params):
+    params.setdefault("retry_delay_seconds", 0)
+    return pflow.pipeline_flow(project_dir=str(root), return_state=True, **params)
+
+
+def task_runs(state, artifacts: bool = False) -> dict:
+    """Task runs of a flow run by name (or its artifacts by key), read back from the API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        if artifacts:
+            return {a.key: a for a in client.read_artifacts(flow_run_filter=this_run)}
+        return {run.name: run for run in client.read_task_runs(flow_run_filter=this_run)}
+
+
+def task_edges(runs: dict, stages: set[str]) -> set[tuple[str, str]]:
+    """(upstream, downstream) stage pairs from the tasks' recorded `wait_for` inputs."""
+    by_id = {run.id: name for name, run in runs.items() if name in stages}
+    return {(by_id[parent.id], name) for name, run in runs.items() if name in stages
+            for parent in run.task_inputs.get("wait_for", [])}
+
+
+def dvc_edges(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
+    """Straight from DVC: stage names and (upstream, downstream) edges."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        return ({s.name for s in graph.nodes},
+                {(dep.name, s.name) for s, dep in graph.edges})
+
+
+def test_task_graph_equals_dvc_graph(harness, tmp_path):
+    root = make_project(tmp_path / "toy")
+    state = run_flow(root, set_params=["pretrain.epochs=3"])
+    assert state.is_completed(), state.message
+    runs = task_runs(state)
+    nodes, edges = dvc_edges(root)
+    assert nodes == {"prepare", "pretrain", "finetune@a", "finetune@b", "report"}
+    assert {name for name in runs if not name.startswith(("save_exp", "link_mlflow"))} == nodes
+    assert task_edges(runs, nodes) == edges
+    assert dvc_graph.pipeline_graph(root) == (
+        ["prepare", "pretrain", "finetune@a", "finetune@b", "report"], edges)
+    # the DVC side: outputs, an up-to-date lock, the override in params.yaml, an experiment
+    result = state.result()
+    assert (root / "report.json").is_file()
+    assert yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["epochs"] == 3
+    assert "# toy parameters" in (root / "params.yaml").read_text()  # comments kept
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root)
+    assert status.returncode == 0  # nothing left to reproduce
+    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert result["experiment"] in exps
+
+
+def test_added_stage_is_picked_up_without_editing_the_flow(tmp_path):
+    root = make_project(tmp_path / "toy", extra={"export": {
+        "cmd": "python step.py export.txt ft_a.txt", "deps": ["ft_a.txt"],
+        "outs": ["export.txt"]}})
+    stages, edges = dvc_graph.pipeline_graph(root)
+    assert stages.index("export") > stages.index("finetune@a")
+    assert ("finetune@a", "export") in edges and len(stages) == 6
+
+
+@pytest.mark.parametrize("item, named", [
+    ("pretrain.epochz=1", "pretrain.epochz"),       # unknown key
+    ("pretrain.epochs=many", "pretrain.epochs"),    # wrong type
+    ("finetune.lr=-1", "finetune.lr"),              # out of range
+    ("no_equals_sign", "no_equals_sign"),           # not key=value
+])
+def test_bad_override_refused_before_any_stage(harness, tmp_path, item, named):
+    root = make_project(tmp_path / "toy")
+    params_before = (root / "params.yaml").read_text()
+    with pytest.raises(ConfigError, match=named):
+        dvc_graph.validate_params(root, dvc_graph.parse_overrides([item]))
+    state = run_flow(root, set_params=["finetune.epochs=2", item])
+    assert state.is_failed() and named in state.message
+    assert task_runs(state) == {}  # no task ran
+    assert not (root / "data.txt").exists()
+    assert (root / "params.yaml").read_text() == params_before
+
+
+@pytest.mark.parametrize("command", ["run", "trigger"])
+def test_bad_override_refused_by_the_cli(tmp_path, capsys, command):
+    root = make_project(tmp_path / "toy")
+    assert pflow.main([command, "--project-dir", str(root), "-S", "pretrain.epochz=1"]) == 2
+    assert "pretrain.epochz" in capsys.readouterr().err
+    assert not (root / "data.txt").exists()
+
+
+@pytest.mark.parametrize("cron", ["61 * * * *", "every night", "* * *"])
+def test_bad_cron_refused(tmp_path, capsys, cron):
+    config = tmp_path / "schedule.yaml"
+    config.write_text(yaml.safe_dump({"deployment": "nightly", "cron": cron}))
+    with pytest.raises(dvc_graph.ScheduleError, match=re.escape(f"cron expression '{cron}'")):
+        dvc_graph.load_schedule(config)
+    assert pflow.main(["serve", "--config", str(config)]) == 2  # refused before any server
+    assert cron in capsys.readouterr().err
+    assert pflow.main(["serve", "--cron", cron]) == 2
+    config.write_text(yaml.safe_dump({"deployment": "nightly", "cron": "0 2 * * *",
+                                      "timezone": "Mars/Olympus"}))
+    with pytest.raises(dvc_graph.ScheduleError, match="timezone 'Mars/Olympus'"):
+        dvc_graph.load_schedule(config)
+
+
+def test_shipped_schedule_is_nightly():
+    config = dvc_graph.load_schedule(pflow.SCHEDULE_FILE)
+    assert config["cron"] == "0 2 * * *" and config["deployment"]
+
+
+def test_stage_failing_once_succeeds_on_retry(harness, tmp_path):
+    marker = tmp_path / "attempts"
+    root = make_project(tmp_path / "toy", chain=False, extra={"flaky": {
+        "cmd": f"python flaky.py flaky.txt {marker}", "deps": ["data.txt"],
+        "outs": ["flaky.txt"]}})
+    state = run_flow(root, retries=1)
+    assert state.is_completed(), state.message
+    assert marker.read_text() == "2" and (root / "flaky.txt").read_text() == "ok"
+    assert task_runs(state)["flaky"].run_count == 2
+
+
+def test_failing_stage_fails_the_flow_and_leaves_no_output(harness, tmp_path):
+    root = make_project(tmp_path / "toy", chain=False, extra={
+        "broken": {"cmd": "python broken.py half.txt", "deps": ["data.txt"],
+                   "outs": ["half.txt"]},
+        "after": {"cmd": "python step.py after.txt half.txt", "deps": ["half.txt"],
+                  "outs": ["after.txt"]}})
+    state = run_flow(root, retries=1)
+    assert state.is_failed()
+    assert "stage broken failed" in state.message and "boom: the stage broke" in state.message
+    runs = task_runs(state)
+    assert runs["broken"].state.is_failed() and runs["broken"].run_count == 2
+    assert "after" not in runs  # downstream never started
+    assert not (root / "half.txt").exists() and not (root / "after.txt").exists()
+    assert (root / "data.txt").exists()  # the finished upstream stage keeps its output
+
+
+@pytest.mark.slow
+def test_flow_runs_the_real_pipeline_end_to_end(harness, tmp_path, monkeypatch):
+    """A copy of this project with tiny params: DVC outputs, a DVC experiment, MLflow runs
+    carrying the flow run id, and Prefect's task graph equal to DVC's."""
+    root = copy_tiny_project(tmp_path / "project")
+    _git(root, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "tiny copy")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # never the developer's store
+
+    state = run_flow(root, set_params=["evaluate.num_orders=2"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+
+    # DVC: every output of every stage, nothing left to reproduce, the override, the experiment
+    from dvc.repo import Repo
+    with Repo(str(root)) as repo:
+        outs = [Path(out.fs_path) for stage in repo.index.stages for out in stage.outs]
+    assert outs and all(path.exists() for path in outs), [p for p in outs if not p.exists()]
+    assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root).returncode == 0
+    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["num_orders"] == 2
+    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert result["experiment"] in exps
+
+    # Prefect: one task per DVC stage, with DVC's edges; the MLflow artifact
+    nodes, edges = dvc_edges(root)
+    runs = task_runs(state)
+    assert nodes <= set(runs) and task_edges(runs, nodes) == edges
+    assert {"finetune@seq", "finetune@ls", "evaluate@seq", "evaluate@ls"} <= nodes
+    assert flow_run_id in task_runs(state, artifacts=True)["mlflow-runs"].data
+
+    # MLflow: one run per stage tagged with the flow run id and the DVC experiment
+    import mlflow
+    client = mlflow.MlflowClient(tracking)
+    mlflow_runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    stage_runs = {r.data.tags.get("anyorder.stage"): r for r in mlflow_runs
+                  if r.data.tags.get("anyorder.role") == "stage"}
+    assert set(stage_runs) == nodes
+    assert {r.info.run_id for r in mlflow_runs} == set(result["mlflow_runs"])
+    assert all(r.data.tags["dvc.experiment"] == result["experiment"] for r in mlflow_runs)
+    assert all(r.data.tags["anyorder.pipeline_run_id"] == flow_run_id for r in mlflow_runs)
