@@ -19,6 +19,18 @@ from anyorder.config import ConfigError, load_settings
 
 PARAMS_FILE = "params.yaml"
 
+# No telemetry or version checks (this machine has no internet: a blocked call can hang), and
+# Prefect's state under the project. Applied before Prefect is imported; the caller's env wins.
+QUIET_ENV = {"PREFECT_HOME": str(Path(__file__).resolve().parents[1] / ".prefect"),
+             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+             "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+
+
+def apply_quiet_env() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 class ScheduleError(ValueError):
     """The schedule config is missing a key or holds a cron expression that does not parse."""

@@ -34,14 +34,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
-
 try:  # imported as pipeline.flow
     from . import dvc_graph as dg
 except ImportError:  # run as a script, or loaded by Prefect from its file path
     import dvc_graph as dg
+
+dg.apply_quiet_env()  # before Prefect reads its settings
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")

@@ -28,9 +28,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-ENV_DEFAULTS = {"PREFECT_HOME": str(ROOT / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def log(message: str) -> None:
@@ -76,10 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", help="override the cron expression of the config")
     parser.add_argument("--project-dir", help="DVC project the flow runs (default: this one)")
     args = parser.parse_args(argv)
-    for key, value in ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
     import dvc_graph as dg
+    dg.apply_quiet_env()
     try:
         config = dg.load_schedule(args.config, args.cron)
         overrides = dg.parse_overrides(config["parameters"].get("set_params"))
