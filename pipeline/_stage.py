@@ -82,11 +82,13 @@ def write_rows_csv(path: Path, rows: list[dict]) -> None:
 
 # -- MLflow -----------------------------------------------------------------------------------------
 
-def tracking_uri(settings: Settings) -> str:
-    """Settings, else $MLFLOW_TRACKING_URI, else a SQLite store at the project root."""
+def tracking_uri(settings: Settings, root: Optional[Path] = None) -> str:
+    """Settings, else $MLFLOW_TRACKING_URI, else a SQLite store at the project root (`root`, by
+    default this file's project). The Prefect flow asks the same, so both sides agree."""
     if settings.mlflow.tracking_uri:
         return settings.mlflow.tracking_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    store = (root or project_root()) / "mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}"
 
 
 def pipeline_run_id(params_path: str) -> str:

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 try:  # imported as pipeline.flow
-    from . import dvc_graph as dg
+    from . import _stage, dvc_graph as dg
 except ImportError:  # run as a script, or loaded by Prefect from its file path
+    import _stage
     import dvc_graph as dg
 
 dg.apply_quiet_env()  # before Prefect reads its settings
@@ -114,18 +115,11 @@ def save_experiment(root: str) -> Optional[str]:
     return name
 
 
-def tracking_uri(root: Path) -> str:
-    """Where the stages log (as pipeline/_stage.py resolves it): mlflow.tracking_uri in params,
-    else $MLFLOW_TRACKING_URI, else the project's mlflow.db."""
-    configured = dg.load_settings(root / dg.PARAMS_FILE).mlflow.tracking_uri
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-
-
 @task(cache_policy=NO_CACHE)
 def link_mlflow(root: str, experiment: Optional[str]) -> list[str]:
     """Tag this flow run's MLflow runs with the DVC experiment; list them in a Prefect artifact."""
     logger, run_id = get_run_logger(), str(flow_run.get_id())
-    uri = tracking_uri(Path(root))
+    uri = _stage.tracking_uri(dg.load_settings(Path(root) / dg.PARAMS_FILE), Path(root))
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         logger.warning("no MLflow store at %s: no stage logged to MLflow", uri)
         return []

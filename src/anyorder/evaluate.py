@@ -61,14 +61,15 @@ def evaluate_orders(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, 
     orders = random_orders(model.depth, num_orders, seed)
     accuracies = accuracy_for_orders(model, images, labels, [None] + orders, batch_size, device)
     sequential, per_order = accuracies[0], accuracies[1:]
+    arbitrary = summarize(per_order)
     return {
         "sequential": sequential,
-        "arbitrary": summarize(per_order),
+        "arbitrary": arbitrary,
         "order_seed": seed,
         "orders": orders,
         "order_accuracies": per_order,
         "num_images": int(len(labels)),
         "chance": 1.0 / max(1, len(model.spec.class_names) or int(labels.max()) + 1),
         "depth": model.depth,
-        "arbitrary_ci95_halfwidth": 1.96 * summarize(per_order)["std"] / math.sqrt(len(per_order)),
+        "arbitrary_ci95_halfwidth": 1.96 * arbitrary["std"] / math.sqrt(len(per_order)),
     }
