@@ -1,28 +1,46 @@
-"""What every stage entry point shares: argument parsing, settings, paths and MLflow tracking.
+"""Stage plumbing shared by every entry point: arguments, settings, what dvc.yaml declares, the
+workspace lock, error exits and MLflow. Anything that computes lives in the library.
 
-Stage scripts stay thin: they parse `--params`, call library functions with explicit arguments,
-and write their outputs. All MLflow use lives here (the library never imports it).
+A stage script reads:
+
+    stage = begin(__doc__, "evaluate", with_run=True)   # name@run for foreach stages
+    with user_errors():
+        ...checks that need no compute (bad input: exit 2, nothing written)...
+    with track(stage, params) as mlflow:                 # MLflow checked before any compute
+        ...compute, write outputs, mlflow.log_metrics(...)...
+
+`begin` refuses, with exit code 2 and a message naming the key, file or run: a bad params.yaml,
+a run name not in params, a malformed ANYORDER_PIPELINE_RUN_ID, a workspace held by a running
+Prefect flow. From then on the settings raise if the stage reads a key its dvc.yaml entry does
+not declare, so `dvc repro` can never keep outputs that depend on an undeclared setting.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import fcntl
 import os
+import re
+import signal
 import sys
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
-# Nothing may phone home: this machine has no internet and a blocked call can hang a stage.
-for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                      "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}.items():
-    os.environ.setdefault(_name, _value)
+import env
 
+env.apply()
 # Use the library next to this file, not whichever copy is installed: under `dvc exp run --temp`
 # or in a copy of the project, the code DVC hashed as a dependency is the code that must run.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from anyorder.config import ConfigError, Settings, load_settings  # noqa: E402
+import yaml  # noqa: E402
+
+import workspace  # noqa: E402
+from anyorder.config import Settings, load_settings  # noqa: E402
+from anyorder.errors import InputError  # noqa: E402
+from anyorder.files import tree_digest  # noqa: E402
 
 
 def project_root(stage_file: Optional[Path] = None) -> Path:
@@ -32,55 +50,136 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
     return Path(root.split(marker)[0]) if marker in root else Path(root)
 
 
-# Paths of the pipeline's files, relative to the working directory DVC runs stages in.
+# Outputs, relative to the directory DVC runs stages in (the project, or a temp experiment copy).
 PREPARED = Path("data/prepared")
 PRETRAINED = Path("models/pretrain")
 FINETUNED = Path("models/finetune")
+WEIGHTS_DIR = Path("models/weights")  # local pre-trained weights: a dependency of pretrain
 METRICS = Path("metrics")
 PLOTS = Path("plots")
-STATE = Path(".anyorder/state")  # resumable training state; outside DVC outs, which DVC wipes
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}")
 
 
-def parse_args(description: str, with_run: bool = False) -> argparse.Namespace:
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Stop the stage with `error: message` on stderr (2 = bad input, nothing was computed)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad settings or data found inside the block stop the stage with exit 2 and its message."""
+    try:
+        yield
+    except (InputError, workspace.WorkspaceBusy) as exc:
+        fail(str(exc))
+
+
+# -- what dvc.yaml declares ------------------------------------------------------------------------
+
+def _interpolate(text: str, key: Optional[str], params: dict) -> str:
+    """DVC's `${key}` (foreach) and `${dotted.param}` in a dvc.yaml string."""
+    def value(match: re.Match) -> str:
+        name = match.group(1).strip()
+        if name == "key" and key is not None:
+            return key
+        node: Any = params
+        for part in name.split("."):
+            node = node[part]
+        return str(node)
+    return re.sub(r"\$\{([^}]+)\}", value, text)
+
+
+def declared(stage: str, field: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
+    """The `params` or `deps` entries of a stage (`name` or `name@key`), interpolated."""
+    name, _, key = stage.partition("@")
+    entry = yaml.safe_load(dvc_yaml.read_text())["stages"][name]
+    body = entry.get("do", entry)
+    items: list[str] = []
+    for item in body.get(field, []):
+        if isinstance(item, dict):  # {params-file: [keys]}; only params.yaml is used here
+            items += [k for f, keys in item.items() if f == "params.yaml" for k in keys]
+        else:
+            items.append(item)
+    return [_interpolate(str(item), key or None, params) for item in items]
+
+
+def inputs_digest(stage: "Stage") -> str:
+    """sha256 of every file the stage declares as a dependency (its code, data, start weights):
+    resume state written before any of them changed is not this run's."""
+    return tree_digest(declared(stage.name, "deps", stage.raw_params))
+
+
+# -- starting a stage ------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str                 # as `dvc repro` names it: "prepare", "evaluate@ls_s0"
+    args: argparse.Namespace
+    settings: Settings        # restricted to the params the stage declares
+    raw_params: dict          # params.yaml as parsed, for logging what the stage declares
+    params_path: str
+
+
+def _die_with_parent() -> None:
+    """If the process that started us (dvc, run by a Prefect task) is killed, stop too, so no
+    orphaned stage keeps computing and writing. SIGTERM becomes SystemExit: temporary files of
+    atomic writes are removed on the way out."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            sys.exit(128 + signal.SIGTERM)
+
+
+def begin(description: str, name: str, with_run: bool = False) -> Stage:
+    """Parse the stage's arguments and load its settings; exit 2 on bad input (see module doc)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
     if with_run:
         parser.add_argument("--run", required=True, help="name of a run under finetune.runs")
-    return parser.parse_args()
+    args = parser.parse_args()
+    _die_with_parent()
+    stage_name = f"{name}@{args.run}" if with_run else name
+    with user_errors():
+        workspace.check_stage_may_run(Path.cwd())
+        settings = load_settings(args.params)
+        if with_run and args.run not in settings.finetune.runs:
+            fail(f"finetune.runs has no run {args.run!r} (known: "
+                 f"{', '.join(settings.finetune.runs)})")
+        run_id = os.environ.get("ANYORDER_PIPELINE_RUN_ID")
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            fail(f"ANYORDER_PIPELINE_RUN_ID={run_id!r}: use 1-200 letters, digits and . _ : @ + - "
+                 f"(it is matched in MLflow searches), e.g. nightly-2026-11-23")
+    raw = yaml.safe_load(Path(args.params).read_text()) or {}
+    # `mlflow.*` says where runs are mirrored, never what a stage computes: not a dependency.
+    settings.restrict_to(declared(stage_name, "params", raw) + ["mlflow"], stage_name)
+    return Stage(stage_name, args, settings, raw, args.params)
 
 
-def settings_or_exit(params_path: str) -> Settings:
-    """Load and validate params; a bad value stops here, before any compute, naming the key."""
-    try:
-        return load_settings(params_path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def declared_values(stage: Stage) -> dict[str, Any]:
+    """The declared params of the stage and their values, flattened (`finetune.lr`: 0.001)."""
+    out: dict[str, Any] = {}
+    for key in declared(stage.name, "params", stage.raw_params):
+        node: Any = stage.raw_params
+        for part in key.split("."):
+            node = (node or {}).get(part) if isinstance(node, dict) else None
+        _flatten(key, node, out)
+    return out
 
 
-def run_or_exit(settings: Settings, run_name: str):
-    runs = settings.finetune.runs
-    if run_name not in runs:
-        print(f"error: finetune.runs has no run {run_name!r} (known: {', '.join(runs)})",
-              file=sys.stderr)
-        raise SystemExit(2)
-    return runs[run_name]
+def _flatten(prefix: str, value: Any, out: dict) -> dict:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}", inner, out)
+    else:
+        out[prefix] = value
+    return out
 
 
-def write_rows_csv(path: Path, rows: list[dict]) -> None:
-    """Atomically write a list of flat dicts as CSV (DVC plots read it)."""
-    import csv
-    import io
-
-    from anyorder.checkpoint import atomic_write_bytes
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-# -- MLflow -----------------------------------------------------------------------------------------
+# -- MLflow ----------------------------------------------------------------------------------------
 
 def tracking_uri(settings: Settings, root: Optional[Path] = None) -> str:
     """Settings, else $MLFLOW_TRACKING_URI, else a SQLite store at the project root (`root`, by
@@ -94,112 +193,102 @@ def tracking_uri(settings: Settings, root: Optional[Path] = None) -> str:
 def pipeline_run_id(params_path: str) -> str:
     """Groups the stage runs of one pipeline run.
 
-    The Makefile and the Prefect flow set ANYORDER_PIPELINE_RUN_ID per run. A bare `dvc repro`
-    falls back to the parameters' hash, so stages run with the same settings group together.
+    The Makefile and the Prefect flow set ANYORDER_PIPELINE_RUN_ID per run (checked by `begin`).
+    A bare `dvc repro` falls back to the parameters' hash, so stages run with the same settings
+    group together.
     """
+    import hashlib
     explicit = os.environ.get("ANYORDER_PIPELINE_RUN_ID")
     if explicit:
         return explicit
-    digest = hashlib.sha256(Path(params_path).read_bytes()).hexdigest()[:12]
-    return f"params-{digest}"
+    return f"params-{hashlib.sha256(Path(params_path).read_bytes()).hexdigest()[:12]}"
 
 
-def _flatten(prefix: str, value: Any, out: dict) -> dict:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
-    else:
-        out[prefix] = value
-    return out
+class Tracker:
+    """The stage's MLflow run. MLflow mirrors what DVC tracks, so once the run is open a failing
+    call is a warning, not a failed stage: the outputs are written either way, and the warning
+    says MLflow missed the rest of this run. Calls: log_params, log_metrics, log_metric,
+    log_dict, log_artifact, log_artifacts, set_tag (as in `mlflow`)."""
+
+    def __init__(self, stage: str):
+        self.stage, self.broken = stage, False
+
+    def __getattr__(self, name: str):
+        import mlflow
+        call = getattr(mlflow, name)
+
+        def guarded(*args, **kwargs):
+            if self.broken:
+                return None
+            try:
+                return call(*args, **kwargs)
+            except Exception as exc:
+                self.broken = True
+                warnings.warn(f"{self.stage}: MLflow stopped answering ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); the stage goes on and writes its outputs, but "
+                              f"MLflow misses the rest of this run", stacklevel=2)
+        return guarded
 
 
 @contextmanager
-def mlflow_stage(stage: str, settings: Settings, params_path: str,
-                 params: Optional[dict] = None) -> Iterator[Any]:
-    """An MLflow run for one stage, nested under its pipeline run's parent; yields `mlflow`."""
+def _project_lock(name: str) -> Iterator[None]:
+    """An exclusive lock shared by every process on this machine working on this project."""
+    path = project_root() / ".anyorder" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _experiment_and_parent(client, name: str, group: str, tags: dict) -> tuple[str, str]:
+    """The experiment and the parent run of this pipeline run, each created once even when
+    stages start together: the lookup-or-create runs under a project lock."""
+    with _project_lock("mlflow"):
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+            name, (project_root() / "mlartifacts").as_uri())
+        found = client.search_runs([experiment_id], filter_string=(
+            f"tags.`anyorder.pipeline_run_id` = '{group}' and tags.`anyorder.role` = 'pipeline'"),
+            max_results=1)
+        if found:
+            return experiment_id, found[0].info.run_id
+        parent = client.create_run(experiment_id, run_name=f"pipeline {group}", tags={
+            **tags, "anyorder.pipeline_run_id": group, "anyorder.role": "pipeline"})
+        client.set_terminated(parent.info.run_id)
+        return experiment_id, parent.info.run_id
+
+
+@contextmanager
+def track(stage: Stage, extra_params: Optional[dict] = None) -> Iterator[Tracker]:
+    """An MLflow run for the stage, nested under its pipeline run's parent, with the stage's
+    declared params logged. Opened here, before the stage computes: an unreachable or broken
+    store stops the stage (exit 2, nothing written). Later failures: see `Tracker`."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri(settings))
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(settings.mlflow.experiment)
-    if experiment is None:
-        artifacts = (project_root() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(settings.mlflow.experiment, artifacts)
-    else:
-        experiment_id = experiment.experiment_id
-    group = pipeline_run_id(params_path)
+    uri = tracking_uri(stage.settings)
+    group = pipeline_run_id(stage.params_path)
     tags = {"anyorder.pipeline_run_id": group}
-    flow_run = os.environ.get("ANYORDER_PREFECT_FLOW_RUN_ID")
-    if flow_run:
-        tags["prefect.flow_run_id"] = flow_run
-    parent = client.search_runs([experiment_id], filter_string=(
-        f"tags.`anyorder.pipeline_run_id` = '{group}' and tags.`anyorder.role` = 'pipeline'"),
-        max_results=1)
-    if parent:
-        parent_id = parent[0].info.run_id
-    else:
-        parent_id = client.create_run(experiment_id, run_name=f"pipeline {group}",
-                                      tags={**tags, "anyorder.role": "pipeline"}).info.run_id
-        client.set_terminated(parent_id)
-    tags.update({"anyorder.role": "stage", "anyorder.stage": stage, "mlflow.parentRunId": parent_id})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
-        flat = _flatten("", params or {}, {})
-        if flat:
-            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-        mlflow.log_dict(settings.to_dict(), "settings.json")
-        yield mlflow
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file: ties resumable training state to the exact inputs it was started from."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def model_spec(settings: Settings, class_names: list[str], variant: str):
-    """The ModelSpec of this pipeline's model: timm arch + overrides, normalised as timm says."""
-    import timm
-
-    from anyorder.model import ModelSpec
-    m = settings.model
-    pretrained_cfg = timm.models.get_pretrained_cfg(m.arch)
-    mean = tuple(pretrained_cfg.mean) if pretrained_cfg else (0.5, 0.5, 0.5)
-    std = tuple(pretrained_cfg.std) if pretrained_cfg else (0.5, 0.5, 0.5)
-    return ModelSpec(arch=m.arch, num_classes=len(class_names), img_size=settings.data.image_size,
-                     variant=variant, patch_size=m.patch_size, embed_dim=m.embed_dim,
-                     depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                     drop_path_rate=m.drop_path_rate,
-                     position_embedding_dim=m.position_embedding_dim, mean=mean, std=std,
-                     class_names=list(class_names))
-
-
-def train_and_save(stage: str, settings: Settings, params_path: str, model, cfg, seed: int,
-                   out_dir: Path, state_name: str, log_params: dict, fingerprint_extra: str = ""):
-    """Train with resume state under .anyorder/state, save the model + history, log to MLflow."""
-    import shutil
-    from dataclasses import asdict
-
-    from anyorder.checkpoint import atomic_write_json, save_model
-    from anyorder.data import load_split
-    from anyorder.train import train_model
-
-    train_data, val_data = load_split(PREPARED, "train"), load_split(PREPARED, "val")
-    state_dir = STATE / state_name
-    with mlflow_stage(stage, settings, params_path, log_params) as mlflow:
-        def log_epoch(epoch: int, record: dict) -> None:
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-
-        result = train_model(model, train_data, val_data, cfg, seed, state_dir=state_dir,
-                             fingerprint_extra=fingerprint_extra, on_epoch_end=log_epoch)
-        extra = {"training": {"config": asdict(cfg), "seed": seed,
-                              "resumed_from_epoch": result.resumed_from_epoch,
-                              "final": result.history[-1]}}
-        save_model(model, out_dir, extra)
-        atomic_write_json(out_dir / "train_orders.json",
-                          {"seed": seed, "order_sampling": cfg.order_sampling,
-                           "orders": result.orders})
-        write_rows_csv(PLOTS / "train" / f"{state_name}.csv", result.history)
-        mlflow.log_metric("train_seconds", result.seconds)
-        mlflow.log_artifacts(str(out_dir), artifact_path="model")
-    shutil.rmtree(state_dir, ignore_errors=True)  # finished: nothing left to resume
-    return result
+    if os.environ.get("ANYORDER_PREFECT_FLOW_RUN_ID"):
+        tags["prefect.flow_run_id"] = os.environ["ANYORDER_PREFECT_FLOW_RUN_ID"]
+    try:
+        mlflow.set_tracking_uri(uri)
+        experiment_id, parent_id = _experiment_and_parent(
+            mlflow.MlflowClient(), stage.settings.mlflow.experiment, group, tags)
+        mlflow.start_run(experiment_id=experiment_id, run_name=stage.name, tags={
+            **tags, "anyorder.role": "stage", "anyorder.stage": stage.name,
+            "mlflow.parentRunId": parent_id})
+    except Exception as exc:
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        fail(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {first_line}); "
+             f"start it, or point mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) at "
+             f"a store that works. Nothing was computed.")
+    tracker = Tracker(stage.name)
+    status = "FAILED"
+    try:
+        params = {**declared_values(stage), **(extra_params or {})}
+        if params:
+            tracker.log_params({k: str(v)[:500] for k, v in params.items()})
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker.end_run(status=status)

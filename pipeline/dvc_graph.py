@@ -1,6 +1,6 @@
 """Plain helpers for the Prefect flow (no Prefect tasks or flows here): the DVC stage graph, `-S`
-overrides, the schedule config (its cron checked by Prefect's own schedule model), the files an
-experiment commit must include, and the local server's health check.
+overrides, the schedule config (every key checked; its cron by Prefect's own schedule model), the
+files an experiment commit must include, and the local server's health check.
 
 The DAG is read from DVC itself (`Repo.index.graph`), so stages added to dvc.yaml later are picked
 up without editing the flow. Overrides use DVC's `-S key=value` form; values are YAML scalars.
@@ -19,21 +19,51 @@ from anyorder.config import ConfigError, load_settings
 
 PARAMS_FILE = "params.yaml"
 
-# No telemetry or version checks (this machine has no internet: a blocked call can hang), and
-# Prefect's state under the project. Applied before Prefect is imported; the caller's env wins.
-QUIET_ENV = {"PREFECT_HOME": str(Path(__file__).resolve().parents[1] / ".prefect"),
-             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-             "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-
-
-def apply_quiet_env() -> None:
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
 
 class ScheduleError(ValueError):
-    """The schedule config is missing a key or holds a cron expression that does not parse."""
+    """The schedule config has a missing, unknown or bad key; the message names it."""
+
+
+# Flow parameters a schedule config (or the command line) may set, and a check for each value.
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _non_negative_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+
+
+FLOW_PARAMETERS: dict[str, tuple[Any, str]] = {
+    "set_params": (lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+                   "a list of key=value strings"),
+    "force": (lambda v: isinstance(v, bool), "true or false"),
+    "retries": (_non_negative_int, "an integer >= 0"),
+    "retry_delay_seconds": (_non_negative_number, "a number of seconds >= 0"),
+    "save_exp": (lambda v: isinstance(v, bool), "true or false"),
+    "project_dir": (lambda v: isinstance(v, str) and Path(v).is_dir(), "an existing directory"),
+    "skip_if_late_seconds": (lambda v: v is None or _non_negative_number(v),
+                             "a number of seconds >= 0, or null"),
+}
+SERVER_KEYS = {"host": (lambda v: isinstance(v, str) and v.strip() != "", "a host name or address"),
+               "port": (lambda v: _non_negative_int(v) and 1 <= v <= 65535,
+                        "an integer in 1..65535")}
+TOP_KEYS = {"deployment", "cron", "timezone", "parameters", "server"}
+
+
+def _check_keys(values: Any, checks: dict, where: str) -> None:
+    if not isinstance(values, dict):
+        raise ScheduleError(f"{where}: must be a mapping, got {values!r}")
+    for key, value in values.items():
+        if key not in checks:
+            raise ScheduleError(f"{where}.{key}: unknown key (known: {', '.join(checks)})")
+        ok, what = checks[key]
+        if not ok(value):
+            raise ScheduleError(f"{where}.{key}: must be {what}, got {value!r}")
+
+
+def check_flow_parameters(parameters: dict, where: str) -> None:
+    """ScheduleError naming the key unless every flow parameter is known and valid."""
+    _check_keys(parameters, FLOW_PARAMETERS, f"{where}: parameters")
 
 
 def stage_name(stage: Any, root: str | Path) -> str:
@@ -140,7 +170,8 @@ def stage_outputs(root: str | Path, name: str) -> list[Path]:
 
 
 def load_schedule(path: str | Path, cron: str | None = None) -> dict[str, Any]:
-    """Read the schedule config; validate its cron (or `cron` given instead) as Prefect will."""
+    """Read the schedule config and check every key (the cron, or `cron` given instead, as
+    Prefect will parse it); ScheduleError naming the first bad one."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
@@ -149,9 +180,16 @@ def load_schedule(path: str | Path, cron: str | None = None) -> dict[str, Any]:
         config = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ScheduleError(f"{path}: cannot read the schedule config: {exc}") from None
+    if not isinstance(config, dict):
+        raise ScheduleError(f"{path}: must be a mapping of keys, got {config!r}")
     missing = {"deployment", "cron"} - set(config)
     if missing:
         raise ScheduleError(f"{path}: missing key(s) {', '.join(sorted(missing))}")
+    unknown = sorted(set(config) - TOP_KEYS)
+    if unknown:
+        raise ScheduleError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(sorted(TOP_KEYS))})")
+    if not isinstance(config["deployment"], str) or not config["deployment"].strip():
+        raise ScheduleError(f"{path}: deployment: must be a name, got {config['deployment']!r}")
     config["cron"] = str(cron if cron is not None else config["cron"])
     try:
         CronSchedule(cron=config["cron"], timezone=config.get("timezone") or "UTC")
@@ -163,7 +201,12 @@ def load_schedule(path: str | Path, cron: str | None = None) -> dict[str, Any]:
         where = "--cron" if cron is not None and what[0] != "timezone" else str(path)
         raise ScheduleError(f"{where}: {what[0]} {value!r} {what[1]}: {err['msg']}") from None
     config["parameters"] = config.get("parameters") or {}
-    parse_overrides(config["parameters"].get("set_params"))  # fail now, not at 2 a.m.
+    check_flow_parameters(config["parameters"], str(path))
+    _check_keys(config.get("server") or {}, SERVER_KEYS, f"{path}: server")
+    try:
+        parse_overrides(config["parameters"].get("set_params"))  # fail now, not at 2 a.m.
+    except ConfigError as exc:
+        raise ScheduleError(f"{path}: parameters.set_params: {exc}") from None
     return config
 
 

@@ -1,30 +1,27 @@
 """Stage `finetune@<run>`: fine-tune one variant (sequential, ls, ls_pos, ls_pred) with one seed,
 starting from the pre-trained sequential model, as in the paper."""
-from dataclasses import asdict
+from _stage import FINETUNED, PLOTS, PRETRAINED, begin, user_errors
+from _training import train_and_log
 
-from _stage import (FINETUNED, PRETRAINED, file_digest, model_spec, parse_args, run_or_exit, settings_or_exit,
-                    train_and_save)
-
-from anyorder.checkpoint import WEIGHTS, load_model, load_model_into
-from anyorder.model import build_model
+from anyorder.checkpoint import load_model, load_model_into
+from anyorder.model import build_model, variant_spec
+from anyorder.tensors import resolve_device
 
 
 def main() -> None:
-    args = parse_args(__doc__, with_run=True)
-    settings = settings_or_exit(args.params)
-    run = run_or_exit(settings, args.run)
-    start = load_model(PRETRAINED)
-    spec = model_spec(settings, start.spec.class_names, run.variant)
-    model = build_model(spec, seed=run.seed)  # seeds the variant's new parts
+    stage = begin(__doc__, "finetune", with_run=True)
+    run_name = stage.args.run
+    run, cfg = stage.settings.finetune.runs[run_name], stage.settings.finetune
+    with user_errors():
+        resolve_device(cfg.device, "finetune.device")
+        spec = variant_spec(load_model(PRETRAINED).spec, run)
+        model = build_model(spec, seed=run.seed)  # seeds the variant's new parts
     # Variant-only parts (LS-pos adapters, LS-pred heads) keep their fresh initialisation.
     load_model_into(model, PRETRAINED, strict=False)
-    cfg = settings.finetune
-    params = {"run": {"name": args.run, **asdict(run)},
-              "finetune": {k: v for k, v in settings.to_dict()["finetune"].items() if k != "runs"}}
-    result = train_and_save(f"finetune@{args.run}", settings, args.params, model, cfg, run.seed,
-                            FINETUNED / args.run, f"finetune-{args.run}", params,
-                            fingerprint_extra=file_digest(PRETRAINED / WEIGHTS))
-    print(f"finetune@{args.run}: {result.history[-1]}")
+    knobs = {name: value for name in ("order_sampling", "position_loss_weight")
+             if (value := run.knob(name)) is not None}  # only the variant's own knobs
+    train_and_log(stage, model, cfg.training(), run.seed, FINETUNED / run_name,
+                  PLOTS / "train" / f"finetune-{run_name}.csv", **knobs)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python pipeline/flow.py serve [--cron EXPR]                 serve the scheduled deployment
     python pipeline/flow.py trigger [-S key=value ...]          ask the served deployment to run now
 (`python pipeline/scheduler.py` starts a local server and `serve` together; see its docstring.)
+`--force`, `--retries` and `--retry-delay` apply to the run started (run, trigger) or to every
+scheduled run (serve), replacing the values of pipeline/schedule.yaml.
 
 Design:
 - The DAG comes from DVC (`Repo.index.graph`, read after the overrides are applied, since a
@@ -13,11 +15,19 @@ Design:
 - A flow run is a DVC experiment run in the workspace, like `dvc exp run -S`: validated overrides
   are written into params.yaml, each stage runs as `dvc repro --single-item <stage>` (unchanged
   stages are skipped from DVC's cache), then `dvc exp save` records params, dvc.lock, metrics and
-  outputs as an experiment named after the flow run.
+  outputs as an experiment named after the flow run. Then params.yaml is put back as it was, so
+  one run's overrides never leak into the next (the outputs stay, saved as that experiment).
+- One run per workspace: a flow run holds `.anyorder/workspace.lock` (see workspace.py); a second
+  flow run, or a flow run while `dvc repro` runs, is refused before it touches anything, and a
+  `dvc repro` typed during a flow run is refused by its first stage.
 - Bad overrides (unknown key, wrong type, out of range) raise ConfigError before any stage runs.
 - Stage output is streamed line by line into the task's Prefect log. A failing stage is retried
   (`retries`, `retry_delay_seconds`); once it fails for good its outputs are removed (DVC leaves
-  them) and the flow run fails with the stage's last output lines in the exception.
+  them) and the flow run fails with the stage's last output lines in the exception. A task that
+  is cancelled or crashes takes its `dvc` process group with it (no orphan holds DVC's lock).
+- Schedules: a scheduled run that starts more than `skip_if_late_seconds` after its time (because
+  another run was busy) skips itself, and each run cancels, when it ends, the scheduled runs that
+  fell due meanwhile, so a run triggered by hand is the next to run, as cron would have it.
 - MLflow: stages get ANYORDER_PIPELINE_RUN_ID / ANYORDER_PREFECT_FLOW_RUN_ID = the flow run id
   and tag their runs with it; at the end the flow tags those runs with the DVC experiment name
   and publishes a Prefect artifact listing them.
@@ -28,6 +38,7 @@ import argparse
 import datetime
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -35,21 +46,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 try:  # imported as pipeline.flow
-    from . import _stage, dvc_graph as dg
+    from . import _stage, dvc_graph as dg, env, workspace
 except ImportError:  # run as a script, or loaded by Prefect from its file path
     import _stage
     import dvc_graph as dg
+    import env
+    import workspace
 
-dg.apply_quiet_env()  # before Prefect reads its settings
+env.apply()  # before Prefect reads its settings
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
+from prefect.states import Cancelled  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
 FLOW_NAME = "anyorder-pipeline"
 TAIL_LINES = 40  # output lines of a failed stage quoted in the flow run's error
+PARAMS_BACKUP = Path(".anyorder/params.yaml.before-flow-run")
 
 
 class StageFailed(RuntimeError):
@@ -57,22 +72,39 @@ class StageFailed(RuntimeError):
 
 
 def _stage_env() -> dict[str, str]:
-    env = dict(os.environ)
+    environ = dict(os.environ)
     run_id = str(flow_run.get_id() or "")
-    env.update(ANYORDER_PIPELINE_RUN_ID=run_id, ANYORDER_PREFECT_FLOW_RUN_ID=run_id,
-               PYTHONUNBUFFERED="1")
+    environ.update(ANYORDER_PIPELINE_RUN_ID=run_id, PYTHONUNBUFFERED="1",
+                   **{workspace.OWNER_ENV: run_id})
     # Stage commands say `python ...`: make that this interpreter, even outside an activated venv.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    for key, value in (("DVC_NO_ANALYTICS", "1"), ("DO_NOT_TRACK", "1"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true")):
-        env.setdefault(key, value)
-    return env
+    environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), environ.get("PATH", "")])
+    return environ
 
 
 def _dvc(root: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_stage_env(),
+    """`dvc ARGS` under pipeline/supervise.py, in a process group of its own: stopping the group
+    stops dvc and the stage it runs, and if this process dies outright, supervise.py stops it."""
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("supervise.py")),
+                             sys.executable, "-m", "dvc", *args], cwd=root, env=_stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)
+                            errors="replace", bufsize=1, start_new_session=True)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the process group of `proc` (dvc and the stage it runs), SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; give the rest of the group a moment, then go on
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -82,16 +114,21 @@ def run_stage(root: str, stage: str, force: bool = False) -> str:
     proc = _dvc(Path(root), "repro", "--single-item", stage, *(["--force"] if force else []))
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     started = False  # DVC deleted the outputs and ran the command (not: lock busy, dep missing)
-    for line in proc.stdout:
-        line = line.rstrip().rsplit("\r", 1)[-1]  # progress bars: keep the last redraw
-        logger.info("%s", line)
-        tail.append(line)
-        started = started or line.startswith(f"Running stage '{stage}'")
-    if proc.wait():
+    try:
+        for line in proc.stdout:
+            line = line.rstrip().rsplit("\r", 1)[-1]  # progress bars: keep the last redraw
+            logger.info("%s", line)
+            tail.append(line)
+            started = started or line.startswith(f"Running stage '{stage}'")
+        returncode = proc.wait()
+    except BaseException:  # cancelled, interrupted, crashed: no orphaned dvc keeps running
+        stop_process_group(proc)
+        raise
+    if returncode:
         removed = [p for p in dg.stage_outputs(root, stage) if started and p.exists()]
         for path in removed:  # no half-written outputs (DVC leaves what a failed command wrote)
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}); removed outputs "
+        raise StageFailed(f"stage {stage} failed (exit {returncode}); removed outputs "
                           f"{[p.name for p in removed]}; last output:\n" + "\n".join(tail))
     return stage
 
@@ -143,16 +180,81 @@ def link_mlflow(root: str, experiment: Optional[str]) -> list[str]:
     return [run.info.run_id for run in runs]
 
 
+def _late_scheduled_run(skip_if_late_seconds: Optional[float]) -> Optional[str]:
+    """Why this run should skip itself (a scheduled run starting late), or None."""
+    if skip_if_late_seconds is None or not deployment.get_id():
+        return None
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.get_id())
+    scheduled = run.expected_start_time
+    if not run.auto_scheduled or scheduled is None:
+        return None  # asked for by hand: always runs
+    late = (datetime.datetime.now(datetime.timezone.utc) - scheduled).total_seconds()
+    if late <= skip_if_late_seconds:
+        return None
+    return (f"skipped: scheduled for {scheduled:%Y-%m-%d %H:%M:%S %Z} but started {late:.0f} s "
+            f"late (another run was busy); the next scheduled run picks up from here")
+
+
+def _check_dvc_idle(root: Path) -> None:
+    """WorkspaceBusy if a `dvc` command (a manual `dvc repro`) holds DVC's repo lock now."""
+    from dvc.lock import LockError, make_lock
+
+    lock = make_lock(str(root / ".dvc" / "tmp" / "lock"), tmp_dir=str(root / ".dvc" / "tmp"))
+    try:
+        lock.lock()
+    except LockError:
+        raise workspace.WorkspaceBusy(
+            f"{root}: a dvc command (e.g. `dvc repro` typed by hand) is running in this "
+            f"workspace; wait for it to finish") from None
+    lock.unlock()
+
+
+def _restore_params(root: Path, logger, crashed: bool = False) -> None:
+    backup = root / PARAMS_BACKUP
+    if backup.is_file():
+        os.replace(backup, root / dg.PARAMS_FILE)
+        logger.warning("params.yaml restored from %s (a flow run %s)", backup,
+                       "died before putting it back" if crashed else "with overrides ended")
+
+
 @flow(name=FLOW_NAME)
 def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, retries: int = 2,
                   retry_delay_seconds: float = 10.0, save_exp: bool = True,
-                  project_dir: Optional[str] = None) -> dict[str, Any]:
+                  project_dir: Optional[str] = None,
+                  skip_if_late_seconds: Optional[float] = None) -> Any:
     """Run the DVC pipeline stage by stage. set_params: `dvc exp run -S` style key=value items."""
     logger = get_run_logger()
     root = Path(project_dir or ROOT).resolve()
+    if reason := _late_scheduled_run(skip_if_late_seconds):
+        logger.warning("%s", reason)
+        return Cancelled(message=reason)
     overrides = dg.parse_overrides(set_params)
     dg.validate_params(root, overrides)  # raises ConfigError naming the key; nothing ran yet
-    dg.apply_overrides(root, overrides)
+    try:
+        with workspace.exclusive(root, str(flow_run.get_id() or "")):
+            _check_dvc_idle(root)
+            _restore_params(root, logger, crashed=True)  # a killed earlier run left its overrides
+            if overrides:
+                (root / PARAMS_BACKUP).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / dg.PARAMS_FILE, root / PARAMS_BACKUP)
+            try:
+                dg.apply_overrides(root, overrides)
+                return _run_stages(root, overrides, force, retries, retry_delay_seconds, save_exp,
+                                   logger)
+            finally:
+                _restore_params(root, logger)
+    finally:
+        if deployment.get_name():
+            if missed := skip_missed_runs(deployment.get_name()):
+                logger.info("cancelled %d scheduled run(s) that fell due while this one ran",
+                            missed)
+
+
+def _run_stages(root: Path, overrides: dict, force: bool, retries: int,
+                retry_delay_seconds: float, save_exp: bool, logger) -> dict[str, Any]:
     stages, edges = dg.pipeline_graph(root)
     logger.info("DVC pipeline in %s: %s; overrides %s", root, " -> ".join(stages), overrides)
     stage_task = run_stage.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -168,27 +270,32 @@ def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, r
 
 
 # ---------------------------------------------------------------------------------- command line
-def skip_missed_runs(deployment: str) -> int:
-    """Cancel runs the schedule created for times when nothing served it. Prefect would run them
-    all, back to back and with the parameters of back then, as soon as `serve` starts again;
-    like cron, the next scheduled run is the one that counts. Runs asked for by hand stay."""
+def skip_missed_runs(deployment_name: str) -> int:
+    """Cancel runs the schedule created for times that have passed: while nothing served the
+    deployment, or while the one runner slot was busy. Prefect would run them all, back to back
+    and with the parameters of back then; like cron, the next scheduled run is the one that
+    counts. Runs asked for by hand stay."""
     from prefect import get_client
     from prefect.client.schemas import filters as f
-    from prefect.states import Cancelled
 
     now = datetime.datetime.now(datetime.timezone.utc)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=f.FlowFilter(name=f.FlowFilterName(any_=[FLOW_NAME])),
-            deployment_filter=f.DeploymentFilter(name=f.DeploymentFilterName(any_=[deployment])),
+            deployment_filter=f.DeploymentFilter(name=f.DeploymentFilterName(any_=[deployment_name])),
             flow_run_filter=f.FlowRunFilter(
                 state=f.FlowRunFilterState(type=f.FlowRunFilterStateType(any_=["SCHEDULED"])),
                 expected_start_time=f.FlowRunFilterExpectedStartTime(before_=now)))
         missed = [run for run in runs if run.auto_scheduled]
         for run in missed:
             client.set_flow_run_state(run.id, Cancelled(
-                message="missed: nothing served the deployment at its scheduled time"), force=True)
+                message="missed: the deployment was not served, or busy, at its scheduled time"),
+                force=True)
     return len(missed)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -198,21 +305,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("command", choices=["run", "serve", "trigger"])
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                         help="parameter override, as for `dvc exp run -S` (repeatable)")
-    parser.add_argument("--force", action="store_true", help="rerun stages even if cached")
-    parser.add_argument("--retries", type=int, default=2)
-    parser.add_argument("--retry-delay", type=float, default=10.0)
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="rerun stages even if cached")
+    parser.add_argument("--retries", type=int, help="retries per failing stage")
+    parser.add_argument("--retry-delay", type=float, help="seconds between retries")
     parser.add_argument("--cron", help="serve: override the cron expression of the config")
     parser.add_argument("--config", default=str(SCHEDULE_FILE), help="schedule config file")
     parser.add_argument("--project-dir", help="DVC project to run (default: this repository)")
     args = parser.parse_args(argv)
     try:  # refuse bad input before contacting any server or running any stage
+        if args.cron is not None and args.command != "serve":
+            raise dg.ScheduleError("--cron only applies to serve")
         config = dg.load_schedule(args.config, args.cron)
+        parameters = config["parameters"]
         if args.set_param or args.command == "run":
-            config["parameters"]["set_params"] = args.set_param
+            parameters["set_params"] = args.set_param
+        for key, value in (("force", args.force), ("retries", args.retries),
+                           ("retry_delay_seconds", args.retry_delay)):
+            if value is not None:
+                parameters[key] = value
         if args.project_dir:
-            config["parameters"]["project_dir"] = str(Path(args.project_dir).resolve())
-        dg.validate_params(config["parameters"].get("project_dir") or ROOT,
-                           dg.parse_overrides(config["parameters"].get("set_params")))
+            parameters["project_dir"] = str(Path(args.project_dir).resolve())
+        dg.check_flow_parameters(parameters, "command line")
+        dg.validate_params(parameters.get("project_dir") or ROOT,
+                           dg.parse_overrides(parameters.get("set_params")))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -220,11 +336,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command == "run":
         if not os.environ.get("PREFECT_API_URL") and not dg.server_up(api_url):
             api_url = None  # no local server running: Prefect starts a temporary one
+        # SIGTERM (kill, a supervisor) unwinds like Ctrl-C: the running stage's process group is
+        # stopped and params.yaml put back, instead of the process vanishing mid-stage.
+        signal.signal(signal.SIGTERM, _interrupt)
         with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
-            state = pipeline_flow(set_params=args.set_param, force=args.force,
-                                  retries=args.retries, retry_delay_seconds=args.retry_delay,
-                                  project_dir=config["parameters"].get("project_dir"),
-                                  return_state=True)
+            state = pipeline_flow(**parameters, return_state=True)
         print(f"flow run {state.name}: {state.message or ''}", file=sys.stderr)
         return 0 if state.is_completed() else 1
     if not dg.server_up(api_url):
@@ -237,13 +353,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             if missed := skip_missed_runs(config["deployment"]):
                 print(f"cancelled {missed} scheduled run(s) missed while nothing was serving")
-            pipeline_flow.serve(name=config["deployment"], parameters=config["parameters"],
+            pipeline_flow.serve(name=config["deployment"], parameters=parameters,
                                 schedule=Cron(config["cron"], timezone=config.get("timezone")),
                                 limit=1, tags=["dvc"], description="DVC pipeline on a schedule")
             return 0
         from prefect.deployments import run_deployment
 
-        run = run_deployment(f"{FLOW_NAME}/{config['deployment']}", parameters=config["parameters"],
+        run = run_deployment(f"{FLOW_NAME}/{config['deployment']}", parameters=parameters,
                              timeout=0, as_subflow=False)
         print(f"flow run {run.name} ({run.id}) scheduled; "
               f"UI: {api_url.removesuffix('/api')}/runs/flow-run/{run.id}")

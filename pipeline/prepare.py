@@ -1,22 +1,19 @@
 """Stage `prepare`: load the configured data source, resize, split (seeded, stratified), write."""
-from _stage import PREPARED, mlflow_stage, parse_args, settings_or_exit
+from _stage import PREPARED, begin, track, user_errors
 
-from anyorder.data import DataError, prepare_dataset
+from anyorder.data import prepare_dataset
 
 
 def main() -> None:
-    args = parse_args(__doc__)
-    settings = settings_or_exit(args.params)
-    d = settings.data
-    try:
+    stage = begin(__doc__, "prepare")
+    d = stage.settings.data
+    with track(stage) as mlflow, user_errors():  # a bad data set fails before anything is written
         meta = prepare_dataset(d.source, d.path, d.image_size, d.val_fraction, d.test_fraction,
                                d.split_seed, PREPARED)
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    with mlflow_stage("prepare", settings, args.params, {"data": settings.to_dict()["data"]}) as mlflow:
         mlflow.log_metrics({f"num_{split}": count for split, count in meta["counts"].items()})
         mlflow.log_dict(meta, "meta.json")
-    print(f"prepared {d.source}: {meta['counts']} images, {meta['num_classes']} classes -> {PREPARED}")
+    print(f"prepared {d.source} {d.path}: {meta['counts']} images, {meta['num_classes']} classes "
+          f"-> {PREPARED}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,31 @@
 """Stage `pretrain`: the sequential baseline every fine-tune starts from (from scratch, or from
 timm pre-trained weights when `model.pretrained` names them)."""
-from _stage import PRETRAINED, PREPARED, file_digest, model_spec, parse_args, settings_or_exit, train_and_save
+from pathlib import Path
+
+from _stage import PLOTS, PREPARED, PRETRAINED, WEIGHTS_DIR, begin, fail, user_errors
+from _training import train_and_log
 
 from anyorder.data import load_meta
-from anyorder.model import build_model
+from anyorder.model import build_model, model_spec
+from anyorder.tensors import resolve_device
 
 
 def main() -> None:
-    args = parse_args(__doc__)
-    settings = settings_or_exit(args.params)
-    meta = load_meta(PREPARED)
-    spec = model_spec(settings, meta["class_names"], "sequential")
-    cfg = settings.pretrain
-    model = build_model(spec, settings.model.pretrained, seed=cfg.seed)
-    params = {"model": settings.to_dict()["model"], "pretrain": settings.to_dict()["pretrain"]}
-    result = train_and_save("pretrain", settings, args.params, model, cfg, cfg.seed, PRETRAINED,
-                            "pretrain", params, fingerprint_extra=file_digest(PREPARED / "train.npz"))
-    print(f"pretrain: {result.history[-1]}")
+    stage = begin(__doc__, "pretrain")
+    settings = stage.settings
+    m, cfg = settings.model, settings.pretrain
+    with user_errors():  # every check that needs no training: exit 2, nothing written
+        if m.pretrained not in ("none", "timm") and \
+                WEIGHTS_DIR.resolve() not in Path(m.pretrained).resolve().parents:
+            fail(f"model.pretrained: {m.pretrained!r} is not inside {WEIGHTS_DIR}/; copy the file "
+                 f"there (or `dvc import-url` it there) so that DVC reruns this stage when it "
+                 f"changes, and set model.pretrained: {WEIGHTS_DIR}/<file>.safetensors")
+        resolve_device(cfg.device, "pretrain.device")
+        meta = load_meta(PREPARED)
+        spec = model_spec(m, meta["image_size"], meta["class_names"])
+        model = build_model(spec, m.pretrained, seed=cfg.seed)
+    train_and_log(stage, model, cfg.training(), cfg.seed, PRETRAINED,
+                  PLOTS / "train" / "pretrain.csv")
 
 
 if __name__ == "__main__":

@@ -6,32 +6,19 @@ arbitrary-order accuracy as a fraction of the baseline's sequential accuracy.
 """
 import json
 
-from _stage import METRICS, mlflow_stage, parse_args, settings_or_exit
+from _stage import METRICS, begin, track
 
-from anyorder.checkpoint import atomic_write_json
+from anyorder.summary import summary_table
+from anyorder.files import atomic_write_json
 
 
 def main() -> None:
-    args = parse_args(__doc__)
-    settings = settings_or_exit(args.params)
+    stage = begin(__doc__, "report")
     runs = {name: json.loads((METRICS / "evaluate" / f"{name}.json").read_text())
-            for name in settings.finetune.runs}
-    baselines = [name for name, m in runs.items() if m["variant"] == "sequential"]
-    baseline = runs[baselines[0]] if baselines else None
-    summary = {"baseline_run": baselines[0] if baselines else None, "runs": {}}
-    for name, m in runs.items():
-        row = {"variant": m["variant"], "seed": m["seed"], "sequential": m["sequential"],
-               "arbitrary_mean": m["arbitrary"]["mean"], "arbitrary_std": m["arbitrary"]["std"],
-               "arbitrary_min": m["arbitrary"]["min"], "arbitrary_max": m["arbitrary"]["max"],
-               "num_orders": m["arbitrary"]["count"]}
-        if baseline is not None:
-            row["arbitrary_mean_vs_baseline_sequential"] = (
-                m["arbitrary"]["mean"] / baseline["sequential"])
-        summary["runs"][name] = row
-    if baseline is not None:
-        summary["baseline_shuffle_drop"] = baseline["sequential"] - baseline["arbitrary"]["mean"]
-    atomic_write_json(METRICS / "summary.json", summary)
-    with mlflow_stage("report", settings, args.params) as mlflow:
+            for name in stage.settings.finetune.runs}
+    with track(stage) as mlflow:
+        summary = summary_table(runs)
+        atomic_write_json(METRICS / "summary.json", summary)
         for name, row in summary["runs"].items():
             mlflow.log_metrics({f"{name}.sequential": row["sequential"],
                                 f"{name}.arbitrary_mean": row["arbitrary_mean"]})

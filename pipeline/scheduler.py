@@ -28,6 +28,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+# Settings of the local server. Its SQLite store allows one writer at a time, and Prefect's
+# "late runs" service, which relabels overdue scheduled runs "Late", wrote in deferred
+# transactions that failed with `database is locked` tracebacks while a flow run and a trigger
+# were in flight (tests/test_scheduler.py). The flow has its own policy for overdue runs (they
+# are cancelled when the busy run ends, see flow.py), so the label is not needed.
+SERVER_ENV = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
 
 
 def log(message: str) -> None:
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cron", help="override the cron expression of the config")
     parser.add_argument("--project-dir", help="DVC project the flow runs (default: this one)")
     args = parser.parse_args(argv)
+    import env
+    env.apply()
     import dvc_graph as dg
-    dg.apply_quiet_env()
     try:
         config = dg.load_schedule(args.config, args.cron)
         overrides = dg.parse_overrides(config["parameters"].get("set_params"))
@@ -107,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             server = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", host,
                  "--port", str(port)], start_new_session=True,
-                env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
+                env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+                     **SERVER_ENV})
             started = time.monotonic()
             while not dg.server_up(api_url):
                 if stopping or server.poll() is not None or time.monotonic() - started > 120:

@@ -3,20 +3,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-for _name, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                      "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}.items():
-    os.environ.setdefault(_name, _value)
+ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED = ROOT / "data" / "embedded" / "digits.npz"
+sys.path.insert(0, str(ROOT / "pipeline"))
+import env  # noqa: E402  the project's quiet environment (no telemetry), for every test
+
+env.apply()
+# Tiny models gain nothing from more threads, and OpenMP pools thrash when two test workers (or a
+# worker and the stages it starts) share 2 cores: one thread everywhere, subprocesses included.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 from anyorder.data import load_split, prepare_dataset  # noqa: E402
 from anyorder.model import ModelSpec, build_model  # noqa: E402
 
-# Tiny models gain nothing from more threads, and OpenMP pools thrash when the machine is busy.
 torch.set_num_threads(1)
 
 
@@ -38,11 +44,9 @@ def tiny_model(variant: str = "sequential", depth: int = 4, seed: int = 0, **ove
 def digits16(tmp_path_factory):
     """The embedded digits, prepared at 16x16: {split: (uint8 images NHWC, labels)}."""
     out = tmp_path_factory.mktemp("digits16") / "prepared"
-    prepare_dataset("digits", None, 16, 0.15, 0.2, 0, out)
+    prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 0, out)
     return {split: load_split(out, split) for split in ("train", "val", "test")}
 
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The real pipeline, shrunk: a full `dvc repro` in well under a minute on 2 CPU cores.
 TINY_PIPELINE = {
@@ -67,9 +71,9 @@ def copy_tiny_project(root: Path) -> Path:
     """Copy this project's pipeline and library into `root` with TINY_PIPELINE params
     (no git or DVC repository yet: callers init what they need)."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, root / name)
-    for name in ("pipeline", "src"):
+    for name in ("pipeline", "src", "data/embedded", "models/weights"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PIPELINE)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

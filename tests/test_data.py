@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from anyorder import data
-from anyorder.data import DataError, RawDataset
+from anyorder.data import DataError
 
+EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded" / "digits.npz"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck"]
 
@@ -109,26 +110,29 @@ def _leftovers(parent: Path) -> list[str]:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
-def test_registry_lists_all_sources():
-    assert set(data.SOURCES) == {"digits", "cifar10", "cifar100", "imagefolder", "npz"}
+def test_every_source_the_settings_accept_has_a_loader():
+    import typing
+    from anyorder.config import DataConfig
+    accepted = typing.get_args(typing.get_type_hints(DataConfig)["source"])
+    assert set(accepted) == set(data.SOURCES)
 
 
-def test_digits():
-    raw = data.load_source("digits", None)
-    assert isinstance(raw, RawDataset)
+def test_embedded_default_is_scikit_learns_digits():
+    """The file the default pipeline reads is the data set it says it is (no silent edits)."""
+    from sklearn.datasets import load_digits
+    raw = data.load_source("npz", str(EMBEDDED), 8)
+    bunch = load_digits()
     assert raw.images.shape == (1797, 8, 8, 3) and raw.images.dtype == np.uint8
-    assert raw.labels.shape == (1797,) and raw.labels.dtype == np.int64
+    assert np.array_equal(raw.labels, bunch.target)
     assert raw.class_names == [str(i) for i in range(10)]
-    assert set(np.unique(raw.labels)) == set(range(10))
-    assert raw.images.min() == 0 and raw.images.max() == 255
-    # Grayscale replicated to RGB.
-    assert np.array_equal(raw.images[..., 0], raw.images[..., 2])
+    expected = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    assert all(np.array_equal(raw.images[..., c], expected) for c in range(3))
 
 
 @pytest.mark.parametrize("use_parent", [False, True])
 def test_cifar10(cifar10_dir: Path, use_parent: bool):
     path = cifar10_dir.parent if use_parent else cifar10_dir
-    raw = data.load_source("cifar10", str(path))
+    raw = data.load_source("cifar10", str(path), 32)
     assert raw.images.shape == (24, 32, 32, 3) and raw.images.dtype == np.uint8
     assert raw.labels.dtype == np.int64
     assert raw.labels.tolist() == [i % 10 for i in range(24)]
@@ -146,7 +150,7 @@ def test_cifar10(cifar10_dir: Path, use_parent: bool):
 @pytest.mark.parametrize("use_parent", [False, True])
 def test_cifar100(cifar100_dir: Path, use_parent: bool):
     path = cifar100_dir.parent if use_parent else cifar100_dir
-    raw = data.load_source("cifar100", str(path))
+    raw = data.load_source("cifar100", str(path), 32)
     assert raw.images.shape == (110, 32, 32, 3)
     assert raw.labels.tolist() == list(range(100)) + list(range(10))
     assert raw.class_names == [f"fine{i}" for i in range(100)]
@@ -156,7 +160,7 @@ def test_cifar100(cifar100_dir: Path, use_parent: bool):
 def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
     (cifar10_dir / "data_batch_3").unlink()
     with pytest.raises(DataError) as info:
-        data.load_source("cifar10", str(cifar10_dir.parent))
+        data.load_source("cifar10", str(cifar10_dir.parent), 32)
     message = str(info.value)
     assert "cifar-10-batches-py" in message and "data_batch_3" in message
     assert "batches.meta" in message  # the full list of expected files
@@ -165,15 +169,15 @@ def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
 def test_cifar_corrupt_pickle_names_file(cifar100_dir: Path):
     (cifar100_dir / "test").write_bytes(b"garbage, not a pickle")
     with pytest.raises(DataError, match="test"):
-        data.load_source("cifar100", str(cifar100_dir))
+        data.load_source("cifar100", str(cifar100_dir), 32)
 
 
 def test_imagefolder(image_folder: Path):
-    raw = data.load_source("imagefolder", str(image_folder))
+    raw = data.load_source("imagefolder", str(image_folder), 12)
     assert raw.class_names == ["cat", "dog"]
     assert raw.labels.tolist() == [0, 0, 1, 1]
-    # Every image resized to the first one read (cat/a.png: 12 wide, 10 high).
-    assert raw.images.shape == (4, 10, 12, 3) and raw.images.dtype == np.uint8
+    # Every image is resized to the target size as it is read, whatever its own size.
+    assert raw.images.shape == (4, 12, 12, 3) and raw.images.dtype == np.uint8
     assert (raw.images[0] == 200).all()          # grayscale replicated to 3 channels
     assert (raw.images[1] == 50).all()
     # Files are read in sorted path order, where upper case comes first.
@@ -183,11 +187,11 @@ def test_imagefolder(image_folder: Path):
 
 
 def test_npz_gray_with_class_names(tmp_path: Path):
-    x = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    x = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
     file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 2, 1]),
                       class_names=np.array(["ant", "bee", "cow"]))
-    raw = data.load_source("npz", file)
-    assert raw.images.shape == (4, 5, 6, 3)
+    raw = data.load_source("npz", file, 6)
+    assert raw.images.shape == (4, 6, 6, 3)
     assert all(np.array_equal(raw.images[..., c], x) for c in range(3))
     assert raw.labels.dtype == np.int64 and raw.labels.tolist() == [0, 1, 2, 1]
     assert raw.class_names == ["ant", "bee", "cow"]
@@ -196,15 +200,15 @@ def test_npz_gray_with_class_names(tmp_path: Path):
 def test_npz_rgb_without_class_names(tmp_path: Path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 3, 2, 1], dtype=np.int32))
-    raw = data.load_source("npz", file)
+    raw = data.load_source("npz", file, 4)
     assert np.array_equal(raw.images, x)
     assert raw.class_names == ["0", "1", "2", "3"]
 
 
 def test_npz_single_channel(tmp_path: Path):
     x = np.full((2, 3, 3, 1), 7, np.uint8)
-    raw = data.load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])))
-    assert raw.images.shape == (2, 3, 3, 3) and (raw.images == 7).all()
+    raw = data.load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])), 5)
+    assert raw.images.shape == (2, 5, 5, 3) and (raw.images == 7).all()  # resized to 5x5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +221,7 @@ def test_resize_images():
     assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
     expected = np.asarray(Image.fromarray(images[1]).resize((16, 16), Image.BILINEAR))
     assert np.array_equal(out[1], expected)
-    same = data.resize_images(out, 16)
-    assert np.array_equal(same, out) and same is not out
-    same[0, 0, 0, 0] ^= 1
-    assert not np.array_equal(same, out)  # a copy, not a view
+    assert data.resize_images(out, 16) is out  # already that size: no copy of a whole data set
 
 
 def test_stratified_split_properties():
@@ -278,18 +279,18 @@ def test_too_few_images_in_prepare(tmp_path: Path):
 
 def test_prepare_digits(tmp_path: Path):
     out = tmp_path / "prepared"
-    meta = data.prepare_dataset("digits", None, 16, 0.15, 0.2, 7, out)
+    meta = data.prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 7, out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz",
                                                      "val.npz"]
     assert data.load_meta(out) == meta
     assert json.loads((out / "meta.json").read_text()) == meta
-    assert meta["source"] == "digits" and meta["path"] is None
+    assert meta["source"] == "npz" and meta["path"] == str(EMBEDDED)
     assert meta["image_size"] == 16 and meta["num_classes"] == 10
     assert meta["class_names"] == [str(i) for i in range(10)]
     assert meta["split_seed"] == 7 and meta["val_fraction"] == 0.15
     assert meta["test_fraction"] == 0.2
     assert sum(meta["counts"].values()) == 1797
-    raw = data.load_source("digits", None)
+    raw = data.load_source("npz", str(EMBEDDED), 8)
     resized = data.resize_images(raw.images, 16)
     seen = []
     for split in ("train", "val", "test"):
@@ -304,6 +305,17 @@ def test_prepare_digits(tmp_path: Path):
         seen.append(index)
     assert sorted(np.concatenate(seen).tolist()) == list(range(1797))
     assert _leftovers(tmp_path) == []
+
+
+def test_prepare_writes_the_same_bytes_for_the_same_input(tmp_path: Path, monkeypatch):
+    """DVC hashes the prepared files: a rerun must not change them (no time inside the .npz)."""
+    import time
+    first = data.prepare_dataset("npz", str(EMBEDDED), 8, 0.15, 0.2, 0, tmp_path / "a")
+    later = time.time() + 3 * 86400  # a rerun three days later (zip stamps members with the time)
+    monkeypatch.setattr(time, "time", lambda: later)
+    second = data.prepare_dataset("npz", str(EMBEDDED), 8, 0.15, 0.2, 0, tmp_path / "b")
+    assert first == second
+    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
 
 
 def test_prepare_npz_and_rerun_replaces(tmp_path: Path):
@@ -342,7 +354,7 @@ def test_prepare_failure_while_writing_leaves_old_output(tmp_path: Path, monkeyp
         raise OSError("disk full")
 
     # Fails after the three .npz files were already written to the temporary directory.
-    monkeypatch.setattr(data, "_write_meta", fail)
+    monkeypatch.setattr(data, "atomic_write_json", fail)  # meta.json, written last
     with pytest.raises(OSError, match="disk full"):
         data.prepare_dataset("npz", file, 4, 0.2, 0.2, 1, out)
     assert _snapshot(out) == before and _leftovers(tmp_path) == []
@@ -369,7 +381,7 @@ def test_prepare_refuses_foreign_directory(tmp_path: Path):
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
     with pytest.raises(DataError, match="my_documents"):
-        data.prepare_dataset("digits", None, 8, 0.2, 0.2, 0, out)
+        data.prepare_dataset("npz", str(EMBEDDED), 8, 0.2, 0.2, 0, out)
     assert (out / "thesis.tex").read_text() == "precious"
 
 
@@ -387,7 +399,7 @@ def test_load_split_missing_says_run_prepare(tmp_path: Path):
 
 def test_unknown_source_lists_known():
     with pytest.raises(DataError) as info:
-        data.load_source("mnist", None)
+        data.load_source("mnist", None, 8)
     message = str(info.value)
     assert "mnist" in message
     assert all(name in message for name in data.SOURCES)
@@ -397,40 +409,81 @@ def test_unknown_source_lists_known():
 def test_missing_path(tmp_path: Path, source: str):
     missing = tmp_path / "does_not_exist"
     with pytest.raises(DataError, match="does_not_exist"):
-        data.load_source(source, str(missing))
+        data.load_source(source, str(missing), 8)
 
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100", "imagefolder", "npz"])
 def test_path_not_set(source: str):
     with pytest.raises(DataError, match="needs a path"):
-        data.load_source(source, None)
+        data.load_source(source, None, 8)
 
 
 def test_imagefolder_empty_class(image_folder: Path):
     (image_folder / "emu").mkdir()
     (image_folder / "emu" / "readme.txt").write_text("no pictures yet")
     with pytest.raises(DataError, match="class folder 'emu' has no images"):
-        data.load_source("imagefolder", str(image_folder))
+        data.load_source("imagefolder", str(image_folder), 8)
 
 
 def test_imagefolder_no_class_folders(tmp_path: Path):
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(DataError, match="flat.*no class sub-folders"):
-        data.load_source("imagefolder", str(tmp_path / "flat"))
+        data.load_source("imagefolder", str(tmp_path / "flat"), 8)
 
 
 def test_imagefolder_not_a_directory(tmp_path: Path):
     file = tmp_path / "a_file.png"
     file.write_bytes(b"x")
     with pytest.raises(DataError, match="a_file.png"):
-        data.load_source("imagefolder", str(file))
+        data.load_source("imagefolder", str(file), 8)
 
 
 def test_imagefolder_unreadable_image(image_folder: Path):
     (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG this is not really a png")
     with pytest.raises(DataError, match="broken.png"):
-        data.load_source("imagefolder", str(image_folder))
+        data.load_source("imagefolder", str(image_folder), 8)
+
+
+def test_imagefolder_unreadable_subfolder_is_named_and_nothing_written(image_folder: Path,
+                                                                       tmp_path: Path, monkeypatch):
+    """pathlib's rglob skips a folder it cannot list without a word: a class would silently
+    lose images. (Tests run as root, where chmod does not stop reading: the denial is simulated
+    where the operating system reports it, in os.scandir.)"""
+    locked = image_folder / "dog" / "private"
+    locked.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(locked / "secret.png")
+    out = tmp_path / "prepared"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"private: cannot list this folder \(Permission denied\)"):
+        data.prepare_dataset("imagefolder", str(image_folder), 8, 0.2, 0.2, 0, out)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path):
+    """Large photos are decoded and shrunk one at a time, never held at full size together."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "big" / name).mkdir(parents=True)
+        for i in range(6):  # 12 photos of 1200 x 900: 3.2 MB each decoded, 39 MB together
+            photo = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+            Image.fromarray(photo).save(tmp_path / "big" / name / f"{i}.jpg", quality=80)
+    tracemalloc.start()
+    try:
+        raw = data.load_source("imagefolder", str(tmp_path / "big"), 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert raw.images.shape == (12, 16, 16, 3)
+    assert peak < 3_000_000, f"peak {peak / 1e6:.1f} MB: a full-size photo was held as an array"
 
 
 def test_imagefolder_single_class_rejected_by_prepare(tmp_path: Path):
@@ -445,42 +498,42 @@ def test_npz_label_out_of_range(tmp_path: Path):
     file = _write_npz(tmp_path / "bad_labels.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0, 1, 5]), class_names=np.array(["a", "b"]))
     with pytest.raises(DataError, match=r"bad_labels\.npz.*label 5"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 def test_npz_negative_label(tmp_path: Path):
     file = _write_npz(tmp_path / "neg.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0, -2, 1]))
     with pytest.raises(DataError, match=r"neg\.npz.*label -2"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 def test_npz_length_mismatch(tmp_path: Path):
     file = _write_npz(tmp_path / "mismatch.npz", x=np.zeros((5, 4, 4), np.uint8),
                       y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"mismatch\.npz.*5 images.*3 labels"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 def test_npz_wrong_dtype(tmp_path: Path):
     file = _write_npz(tmp_path / "floaty.npz", x=np.zeros((3, 4, 4, 3), np.float32),
                       y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"floaty\.npz.*float32.*astype\(np\.uint8\)"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 def test_npz_float_labels(tmp_path: Path):
     file = _write_npz(tmp_path / "flabels.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0.0, 1.0, 0.0]))
     with pytest.raises(DataError, match=r"flabels\.npz.*integer"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (3, 4, 4, 2), (3, 4, 4, 3, 1)])
 def test_npz_wrong_shape(tmp_path: Path, shape):
     file = _write_npz(tmp_path / "shape.npz", x=np.zeros(shape, np.uint8), y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"shape\.npz"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 @pytest.mark.parametrize("missing", ["x", "y"])
@@ -489,14 +542,14 @@ def test_npz_missing_key(tmp_path: Path, missing: str):
     del arrays[missing]
     file = _write_npz(tmp_path / "partial.npz", **arrays)
     with pytest.raises(DataError, match=rf"partial\.npz.*missing array '{missing}'"):
-        data.load_source("npz", file)
+        data.load_source("npz", file, 8)
 
 
 def test_npz_not_an_archive(tmp_path: Path):
     file = tmp_path / "junk.npz"
     file.write_bytes(b"definitely not a zip")
     with pytest.raises(DataError, match=r"junk\.npz"):
-        data.load_source("npz", str(file))
+        data.load_source("npz", str(file), 8)
 
 
 def test_npz_empty_class_named(tmp_path: Path):

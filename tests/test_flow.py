@@ -6,28 +6,24 @@ harness (a temporary SQLite server, ~15 s to start) is shared by the whole sessi
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
-
-for _key, _value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                     "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
-    os.environ.setdefault(_key, _value)
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "pipeline"))
-
-import dvc_graph  # noqa: E402
-import flow as pflow  # noqa: E402
-from anyorder.config import ConfigError  # noqa: E402
-from conftest import copy_tiny_project  # noqa: E402
+import dvc_graph  # pipeline/ is on sys.path, and the quiet environment applied (conftest)
+import flow as pflow
+import workspace
+from anyorder.config import ConfigError
+from conftest import ROOT, copy_tiny_project
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -46,6 +42,21 @@ open(marker, "w").write(str(attempts))
 if attempts == 1:
     sys.exit("transient failure on attempt 1")
 open(sys.argv[1], "w").write("ok")
+"""
+PARAMS = textwrap.dedent("""\
+    # toy parameters (the real schema, small values)
+    pretrain:
+      epochs: 1
+    finetune:
+      epochs: 1
+      runs:
+        a: {variant: ls, seed: 0}
+        b: {variant: sequential, seed: 1}
+    """)
+SLEEPER = """\
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(300)
 """
 BROKEN = """\
 import sys
@@ -71,18 +82,10 @@ def _git(root: Path, *args: str) -> None:
 def make_project(root: Path, extra: dict | None = None, chain: bool = True) -> Path:
     """A git + DVC project: prepare -> pretrain -> finetune@{a,b} (foreach) -> report."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, text in {"step.py": STEP, "flaky.py": FLAKY, "broken.py": BROKEN}.items():
+    for name, text in {"step.py": STEP, "flaky.py": FLAKY, "broken.py": BROKEN,
+                       "sleeper.py": SLEEPER}.items():
         (root / name).write_text(text)
-    (root / "params.yaml").write_text(textwrap.dedent("""\
-        # toy parameters (the real schema, small values)
-        pretrain:
-          epochs: 1
-        finetune:
-          epochs: 1
-          runs:
-            a: {variant: ls, seed: 0}
-            b: {variant: sequential, seed: 1}
-        """))
+    (root / "params.yaml").write_text(PARAMS)
     stages: dict = {"prepare": {"cmd": "python step.py data.txt", "deps": ["step.py"],
                                 "outs": ["data.txt"]}}
     if chain:
@@ -150,16 +153,23 @@ def test_task_graph_equals_dvc_graph(harness, tmp_path):
     assert task_edges(runs, nodes) == edges
     assert dvc_graph.pipeline_graph(root) == (
         ["prepare", "pretrain", "finetune@a", "finetune@b", "report"], edges)
-    # the DVC side: outputs, an up-to-date lock, the override in params.yaml, an experiment
+    # the DVC side: outputs, and an experiment that ran with the override
     result = state.result()
     assert (root / "report.json").is_file()
-    assert yaml.safe_load((root / "params.yaml").read_text())["pretrain"]["epochs"] == 3
-    assert "# toy parameters" in (root / "params.yaml").read_text()  # comments kept
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root)
-    assert status.returncode == 0  # nothing left to reproduce
-    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.split()
-    assert result["experiment"] in exps
+    assert (root / "pre.txt").is_file()
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"],
+                                      cwd=root, capture_output=True, text=True,
+                                      check=True).stdout)
+    experiments = {exp["name"]: exp["revs"][0]["data"] for commit in shown
+                   for exp in commit.get("experiments") or []}
+    params = experiments[result["experiment"]]["params"]["params.yaml"]["data"]
+    assert params["pretrain"]["epochs"] == 3
+    # ...and the override does not leak: params.yaml is as it was, comments and all, so the
+    # next (scheduled) run starts from the committed settings.
+    assert (root / "params.yaml").read_text() == PARAMS
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
+                            capture_output=True, text=True, check=True)
+    assert set(json.loads(status.stdout)) == {"pretrain"}  # what the next plain run redoes
 
 
 def test_added_stage_is_picked_up_without_editing_the_flow(tmp_path):
@@ -212,9 +222,42 @@ def test_bad_cron_refused(tmp_path, capsys, cron):
         dvc_graph.load_schedule(config)
 
 
-def test_shipped_schedule_is_nightly():
-    config = dvc_graph.load_schedule(pflow.SCHEDULE_FILE)
-    assert config["cron"] == "0 2 * * *" and config["deployment"]
+def test_shipped_schedule_is_valid():
+    dvc_graph.load_schedule(pflow.SCHEDULE_FILE)  # raises ScheduleError naming the key otherwise
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"server": {"host": "127.0.0.1", "port": 99999}}, "server.port: must be an integer in 1..65535"),
+    ({"server": {"port": "4200"}}, "server.port: must be an integer in 1..65535, got '4200'"),
+    ({"server": {"hots": "x"}}, "server.hots: unknown key"),
+    ({"parameters": {"retries": -1}}, "parameters.retries: must be an integer >= 0, got -1"),
+    ({"parameters": {"retries": "2"}}, "parameters.retries: must be an integer >= 0, got '2'"),
+    ({"parameters": {"retry_delay_seconds": "soon"}}, "parameters.retry_delay_seconds: must be"),
+    ({"parameters": {"set_params": "pretrain.epochs=1"}}, "parameters.set_params: must be a list"),
+    ({"parameters": {"set_params": ["pretrain.epochs"]}}, "parameters.set_params: override"),
+    ({"parameters": {"retires": 2}}, "parameters.retires: unknown key"),
+    ({"deployment": ""}, "deployment: must be a name"),
+    ({"crons": "* * * * *"}, "crons: unknown key"),
+])
+def test_bad_schedule_settings_refused_before_anything_starts(tmp_path, capsys, change, named):
+    config = yaml.safe_load(pflow.SCHEDULE_FILE.read_text())
+    config.update(change)
+    path = tmp_path / "schedule.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(dvc_graph.ScheduleError, match=re.escape(named)):
+        dvc_graph.load_schedule(path)
+    import scheduler
+    assert scheduler.main(["--config", str(path)]) == 2  # refused before any server starts
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["trigger", "--retries", "-3"], "parameters.retries: must be an integer >= 0, got -3"),
+    (["run", "--cron", "* * * * *"], "--cron only applies to serve"),
+])
+def test_bad_command_line_flags_refused(capsys, argv, named):
+    assert pflow.main(argv) == 2
+    assert named in capsys.readouterr().err
 
 
 def test_stage_failing_once_succeeds_on_retry(harness, tmp_path):
@@ -266,8 +309,11 @@ def test_flow_runs_the_real_pipeline_end_to_end(harness, tmp_path, monkeypatch):
     with Repo(str(root)) as repo:
         outs = [Path(out.fs_path) for stage in repo.index.stages for out in stage.outs]
     assert outs and all(path.exists() for path in outs), [p for p in outs if not p.exists()]
-    assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root).returncode == 0
-    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["num_orders"] == 2
+    # params.yaml is back as committed; the next plain run redoes what the override touched
+    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["num_orders"] == 3
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
+                            capture_output=True, text=True, check=True)
+    assert set(json.loads(status.stdout)) == {"evaluate@seq", "evaluate@ls"}
     exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
                           capture_output=True, text=True, check=True).stdout.split()
     assert result["experiment"] in exps
@@ -291,3 +337,85 @@ def test_flow_runs_the_real_pipeline_end_to_end(harness, tmp_path, monkeypatch):
     assert {r.info.run_id for r in mlflow_runs} == set(result["mlflow_runs"])
     assert all(r.data.tags["dvc.experiment"] == result["experiment"] for r in mlflow_runs)
     assert all(r.data.tags["anyorder.pipeline_run_id"] == flow_run_id for r in mlflow_runs)
+
+
+def test_a_second_flow_run_in_the_same_workspace_is_refused(harness, tmp_path):
+    root = make_project(tmp_path / "toy")
+    with workspace.exclusive(root, "the-first-run"):
+        state = run_flow(root, set_params=["pretrain.epochs=5"])
+    assert state.is_failed()
+    assert "Prefect flow run the-first-run" in state.message
+    assert "is running the pipeline in this workspace" in state.message
+    assert (root / "params.yaml").read_text() == PARAMS  # not rewritten under the first run
+    assert task_runs(state) == {} and not (root / "data.txt").exists()
+
+
+def test_a_flow_run_is_refused_while_a_dvc_command_runs(harness, tmp_path):
+    from dvc.lock import make_lock
+    root = make_project(tmp_path / "toy")
+    lock = make_lock(str(root / ".dvc/tmp/lock"), tmp_dir=str(root / ".dvc/tmp"))
+    lock.lock()  # as `dvc repro` typed by hand holds it
+    try:
+        state = run_flow(root, set_params=["pretrain.epochs=5"])
+    finally:
+        lock.unlock()
+    assert state.is_failed() and "a dvc command" in state.message
+    assert (root / "params.yaml").read_text() == PARAMS
+    assert not (root / "data.txt").exists()
+
+
+def test_overrides_left_by_a_killed_flow_run_are_put_back(harness, tmp_path):
+    root = make_project(tmp_path / "toy")
+    backup = root / pflow.PARAMS_BACKUP
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    backup.write_text(PARAMS)  # what a flow run killed with SIGKILL leaves behind
+    (root / "params.yaml").write_text(PARAMS.replace("epochs: 1", "epochs: 9"))
+    state = run_flow(root)
+    assert state.is_completed(), state.message
+    assert (root / "params.yaml").read_text() == PARAMS and not backup.exists()
+    assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root).returncode == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_flow_run_leaves_no_stage_running_and_no_lock(harness, tmp_path, sig):
+    """SIGTERM: the task stops its dvc process group and params.yaml is put back. SIGKILL (no
+    clean-up possible): dvc and the stage die with their parents (PR_SET_PDEATHSIG)."""
+    from prefect.settings import PREFECT_API_URL
+    root = make_project(tmp_path / "toy", chain=False, extra={"sleeper": {
+        "cmd": f"python sleeper.py {tmp_path / 'stage.pid'}", "deps": ["data.txt"],
+        "outs": ["slept.txt"]}})
+    flow_proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipeline/flow.py"), "run", "--project-dir", str(root),
+         "--retries", "0", "-S", "pretrain.epochs=2"],
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "stage.pid"
+    deadline = time.monotonic() + 120
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert flow_proc.poll() is None, flow_proc.stderr.read()
+        assert time.monotonic() < deadline, "the sleeping stage never started"
+        time.sleep(0.2)
+    stage_pid = int(pid_file.read_text())
+    assert (root / "params.yaml").read_text() != PARAMS  # the override is in place
+    flow_proc.send_signal(sig)
+    flow_proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(stage_pid), "the stage outlived the flow run"
+    # DVC's lock is free: a dvc command runs at once.
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=root,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and "busy" not in status.stderr, status.stderr
+    if sig == signal.SIGTERM:
+        assert (root / "params.yaml").read_text() == PARAMS
+    else:  # put back by the next flow run (test_overrides_left_by_a_killed_flow_run_...)
+        assert (root / pflow.PARAMS_BACKUP).read_text() == PARAMS

@@ -1,10 +1,12 @@
 """The wrapper runs exactly the blocks it is told, in the order it is told."""
-import numpy as np
+import dataclasses
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from anyorder.model import VARIANTS, build_model
+from anyorder.model import VARIANTS, ModelSettingsError, build_model
 
 from conftest import tiny_model, tiny_spec
 
@@ -88,10 +90,37 @@ def test_ls_pos_adapter_starts_as_identity():
 
 
 def test_ls_pred_heads_predict_the_slot_they_ran_at():
+    """Slot s is judged by the head of the block that ran there, on that block's output."""
     model = tiny_model("ls_pred", depth=4).eval()
-    out = model.forward_detailed(torch.randn(5, 3, 16, 16), [3, 1])
-    assert out.position_logits.shape == (2, 5, 4)  # slots run, batch, depth
-    assert out.position_targets.tolist() == [[0] * 5, [1] * 5]
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        out = model.forward_detailed(images, [3, 0])
+        assert out.position_logits.shape == (2, 5, 4)  # slots run, batch, depth
+        assert out.position_targets.tolist() == [[0] * 5, [1] * 5]
+        tokens = model.forward_stem(images)
+        for slot, block_index in enumerate([3, 0]):
+            tokens = model.vit.blocks[block_index](tokens)
+            expected = model.position_heads[block_index](tokens)
+            assert torch.allclose(out.position_logits[slot], expected, atol=1e-6), slot
+            # The head of the slot's index (a plausible bug) gives something else.
+            assert not torch.allclose(out.position_logits[slot],
+                                      model.position_heads[slot](tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["ls_pred", "ls_pos", "ls"])
+def test_per_sample_orders_run_under_bf16_autocast(variant):
+    """Under autocast a block or head returns bf16 for fp32 tokens (CUDA training uses bf16);
+    the per-sample path gathers into buffers of that dtype instead of failing."""
+    model = tiny_model(variant, depth=3).eval()
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2]])
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        together = model.forward_detailed(images, orders)
+        alone = model.forward_detailed(images[1:2], orders[1].tolist())
+    assert torch.isfinite(together.logits.float()).all()
+    assert torch.allclose(together.logits[1].float(), alone.logits[0].float(), atol=0.05)
+    if variant == "ls_pred":
+        assert together.position_logits.shape == (3, 3, 3)
 
 
 @pytest.mark.parametrize("order,message", [
@@ -130,8 +159,15 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     model = build_model(tiny_spec(), pretrained=str(weights))
     for key in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "pos_embed"):
         assert torch.equal(model.vit.state_dict()[key], source.state_dict()[key]), key
-    with pytest.raises(FileNotFoundError, match="no such weights file"):
+    with pytest.raises(ModelSettingsError, match="model.pretrained: no such weights file"):
         build_model(tiny_spec(), pretrained=str(tmp_path / "missing.safetensors"))
+    # Weights of another shape: a clear error naming the setting, not a torch traceback.
+    with pytest.raises(ModelSettingsError, match="model.pretrained: the weights .* do not load"):
+        build_model(tiny_spec(embed_dim=16), pretrained=str(weights))
+    pickle = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), pickle)
+    with pytest.raises(ModelSettingsError, match="not a .safetensors file"):
+        build_model(tiny_spec(), pretrained=str(pickle))
 
 
 def test_uniform_drop_path_follows_no_block_index():
@@ -140,13 +176,33 @@ def test_uniform_drop_path_follows_no_block_index():
     assert rates == {0.2}
 
 
-def test_patch_embedding_has_a_nontrivial_nullspace_by_default():
-    """The default CPU model must leave room for the nullspace issue: C*P*P > embed_dim."""
-    from anyorder.config import Settings
-    m = Settings().model
-    assert 3 * m.patch_size ** 2 > m.embed_dim
-    weight = tiny_model().vit.patch_embed.proj.weight.detach().reshape(32, -1).numpy()
-    assert weight.shape[1] - np.linalg.matrix_rank(weight) > 0
+def test_image_noise_in_the_patch_embedding_nullspace_changes_no_logit():
+    """The configured model leaves room for the nullspace issue, and the stem cuts images into
+    patches the way the nullspace of the flattened (D, C*P*P) weight assumes (channel-major,
+    then rows, then columns): noise built from that basis, patch by patch, is invisible."""
+    from anyorder.config import load_settings
+    from conftest import ROOT
+    m = load_settings(ROOT / "params.yaml").model
+    assert 3 * m.patch_size ** 2 > m.embed_dim, "the default model must have a nullspace"
+    model = tiny_model("ls").eval()  # patch 4, width 32: 48 inputs, nullspace of dimension 16
+    weight = model.vit.patch_embed.proj.weight.detach().reshape(32, -1).double()
+    _, singular, vh = torch.linalg.svd(weight)
+    basis = vh[int((singular > 1e-6 * singular[0]).sum()):]  # (16, 48)
+    assert basis.shape == (48 - 32, 48)
+    images = torch.randn(4, 3, 16, 16)
+    coefficients = torch.randn(4, 4, 4, basis.shape[0], dtype=torch.float64)  # per patch
+    patches = (coefficients @ basis).float().reshape(4, 4, 4, 3, 4, 4)  # N, rows, cols, C, P, P
+    noise = patches.permute(0, 3, 1, 4, 2, 5).reshape(4, 3, 16, 16)
+    noise *= images.norm() / noise.norm()  # as large as the image itself
+    with torch.no_grad():
+        clean, noisy = model(images, [2, 0, 3, 1]), model(images + noise, [2, 0, 3, 1])
+    assert (clean - noisy).norm() / clean.norm() < 1e-4
+    # The same vectors read channel-last within each patch (a plausible bug) are not invisible.
+    wrong = (coefficients @ basis).float().reshape(4, 4, 4, 4, 4, 3)  # N, rows, cols, P, P, C
+    wrong = wrong.permute(0, 5, 1, 3, 2, 4).reshape(4, 3, 16, 16)
+    wrong *= images.norm() / wrong.norm()
+    with torch.no_grad():
+        assert (clean - model(images + wrong, [2, 0, 3, 1])).norm() / clean.norm() > 1e-3
 
 
 def test_initialisation_is_seeded_and_leaves_global_state_alone():
@@ -155,3 +211,59 @@ def test_initialisation_is_seeded_and_leaves_global_state_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.vit.blocks[0].attn.qkv.weight, c.vit.blocks[0].attn.qkv.weight)
+
+
+NAMES = [str(i) for i in range(10)]
+
+
+def test_null_overrides_take_timms_values_and_are_still_checked():
+    from anyorder.config import ModelConfig
+    from anyorder.model import model_spec
+    timm_values = ModelConfig(patch_size=None, embed_dim=None, depth=None, num_heads=None,
+                              mlp_ratio=None)
+    spec = model_spec(timm_values, 32, NAMES)
+    assert (spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio) == (
+        16, 192, 12, 3, 4.0)  # vit_tiny_patch16_224 as timm defines it
+    with pytest.raises(ModelSettingsError, match=re.escape(
+            "model.patch_size: model.patch_size=null (timm's 16 for vit_tiny_patch16_224) must "
+            "divide data.image_size=28")):
+        model_spec(timm_values, 28, NAMES)
+    with pytest.raises(ModelSettingsError, match=re.escape(
+            "model.num_heads: model.num_heads=null (timm's 3 for vit_tiny_patch16_224) must "
+            "divide model.embed_dim=64")):
+        model_spec(dataclasses.replace(timm_values, embed_dim=64), 32, NAMES)
+
+
+def test_a_typo_in_the_architecture_suggests_the_real_name():
+    from anyorder.config import ModelConfig
+    from anyorder.model import model_spec
+    with pytest.raises(ModelSettingsError, match="did you mean vit_tiny_patch16_224"):
+        model_spec(ModelConfig(arch="vit_tiny_patch16_244"), 32, NAMES)
+
+
+def test_timm_weights_refuse_overrides_that_change_their_shapes():
+    with pytest.raises(ModelSettingsError) as info:
+        build_model(tiny_spec(), pretrained="timm")
+    assert "model.embed_dim=32 (timm: 192)" in str(info.value)
+    assert "model.depth=4 (timm: 12)" in str(info.value)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_timm_weights_without_cache_or_hub_fail_in_seconds(monkeypatch, tmp_path, offline):
+    """timm itself retries the hub for about a minute, then fails with a long traceback."""
+    import time
+    from huggingface_hub import constants
+    from anyorder.model import architecture_defaults
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))       # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")     # nothing listens there
+    spec = tiny_spec(**{**architecture_defaults("vit_tiny_patch16_224"), "img_size": 32})
+    started = time.monotonic()
+    with pytest.raises(ModelSettingsError) as info:
+        build_model(spec, pretrained="timm")
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert message.startswith("model.pretrained: timm's weights for vit_tiny_patch16_224 are "
+                              "not in the local cache")
+    assert ("HF_HUB_OFFLINE is set" if offline else "127.0.0.1") in message
+    assert "models/weights/" in message

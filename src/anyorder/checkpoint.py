@@ -1,57 +1,22 @@
 """Checkpoints: safetensors weights + a JSON of the model spec; never pickles.
 
-Every write goes to a temporary file in the same directory and is renamed into place, so a
-process killed mid-write leaves the previous file intact.
+Every file is written atomically (`anyorder.files`): a process killed mid-write leaves the
+previous file intact.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from .files import atomic_save_tensors, atomic_write_json
 from .model import AnyOrderViT, ModelSpec, build_model
 
 WEIGHTS = "model.safetensors"
 SPEC = "model.json"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                        metadata: Optional[dict[str, str]] = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: AnyOrderViT, directory: str | Path, extra: Optional[dict] = None) -> None:

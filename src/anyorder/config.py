@@ -1,13 +1,21 @@
 """Typed, validated settings for the whole pipeline.
 
 `params.yaml` is parsed once, here, into frozen dataclasses. Every problem (an unknown key, a
-wrong type, an out-of-range value) raises `ConfigError` naming the dotted key, before any compute.
-Only the standard library and PyYAML are used, so the library still runs where nothing but
-torch/timm/onnx is installed.
+wrong type, a number that is not finite, an out-of-range value) raises `ConfigError` naming the
+dotted key, before any compute. Only the standard library and PyYAML are used, so the library
+still runs where nothing but torch/timm/onnx is installed.
+
+Settings also know which of their keys were read. A pipeline stage calls
+`settings.restrict_to(declared)` with the params its DVC stage declares; from then on, reading a
+key outside them raises `UndeclaredParamError`. DVC reruns a stage only when a declared param
+changes, so a stage that read an undeclared one would silently keep stale outputs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,19 +24,108 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A setting is unknown, of the wrong type or out of range. The message names the key."""
 
 
-DATA_SOURCES = ("digits", "cifar10", "cifar100", "imagefolder", "npz")
-VARIANTS = ("sequential", "ls", "ls_pos", "ls_pred")
+class UndeclaredParamError(RuntimeError):
+    """A stage read a setting its DVC stage does not declare (a bug in dvc.yaml or the stage)."""
 
+
+Variant = Literal["sequential", "ls", "ls_pos", "ls_pred"]
+VARIANTS: tuple[str, ...] = typing.get_args(Variant)
+LAYERSHUFFLE_VARIANTS = ("ls", "ls_pos", "ls_pred")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# -- access tracking ---------------------------------------------------------------------------
+
+class _AccessLog:
+    """The keys read from one Settings object, checked against the keys a stage declared."""
+
+    def __init__(self, stage: str, declared: list[str]):
+        self.stage, self.declared, self.read = stage, list(declared), set()
+
+    def record(self, key: str) -> None:
+        self.read.add(key)
+        if not any(key == d or key.startswith(d + ".") for d in self.declared):
+            raise UndeclaredParamError(
+                f"stage {self.stage} reads the setting {key}, which its entry in dvc.yaml does not "
+                f"list under params (declared: {', '.join(self.declared) or 'none'}); add it there, "
+                f"or DVC will not rerun the stage when it changes")
+
+
+class _Section:
+    """Base of every settings section: leaf reads are recorded once a stage restricts them."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if not name.startswith("_") and name in type(self).__dataclass_fields__:
+            log = object.__getattribute__(self, "__dict__").get("_log")
+            if log is not None and not isinstance(value, (_Section, _Runs)):
+                log.record(f"{object.__getattribute__(self, '_key')}.{name}")
+        return value
+
+    def _attach(self, log: _AccessLog, key: str) -> None:
+        object.__setattr__(self, "_log", log)
+        object.__setattr__(self, "_key", key)
+        for f in dataclasses.fields(self):
+            value = object.__getattribute__(self, f.name)
+            if isinstance(value, (_Section, _Runs)):
+                value._attach(log, f"{key}.{f.name}" if key else f.name)
+
+
+class _Runs(dict):
+    """finetune.runs: reading one run records that run; listing them records all of them."""
+
+    _log: Optional[_AccessLog] = None
+    _key = ""
+
+    def _attach(self, log: _AccessLog, key: str) -> None:
+        self._log, self._key = log, key
+        for name, run in dict.items(self):
+            run._attach(log, f"{key}.{name}")
+
+    def _all(self) -> None:
+        if self._log is not None:
+            self._log.record(self._key)
+
+    def __contains__(self, name: object) -> bool:
+        if self._log is not None:
+            self._log.record(f"{self._key}.{name}")
+        return dict.__contains__(self, name)
+
+    def __iter__(self):
+        self._all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._all()
+        return dict.__len__(self)
+
+    def keys(self):
+        self._all()
+        return dict.keys(self)
+
+    def values(self):
+        self._all()
+        return dict.values(self)
+
+    def items(self):
+        self._all()
+        return dict.items(self)
+
+
+# -- sections ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DataConfig:
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "npz"] = "digits"
-    path: Optional[str] = None
+class DataConfig(_Section):
+    source: Literal["cifar10", "cifar100", "imagefolder", "npz"] = "npz"
+    # A file or directory; DVC tracks it as a dependency of `prepare` (dvc.yaml: ${data.path}).
+    path: str = "data/embedded/digits.npz"
     image_size: int = 32
     val_fraction: float = 0.15
     test_fraction: float = 0.2
@@ -42,13 +139,12 @@ class DataConfig:
         _require(self.val_fraction + self.test_fraction < 1.0, f"{key}.val_fraction",
                  "val_fraction + test_fraction must leave images for training (< 1)",
                  self.val_fraction + self.test_fraction)
-        if self.source != "digits":
-            _require(bool(self.path), f"{key}.path",
-                     f"is required for source '{self.source}' (a directory or file on disk)", self.path)
+        _require(bool(self.path.strip()), f"{key}.path", "must name a file or directory",
+                 self.path)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     # Any timm VisionTransformer name; the fields below override its defaults (null = keep timm's).
     arch: str = "vit_tiny_patch16_224"
     patch_size: Optional[int] = 8
@@ -57,10 +153,9 @@ class ModelConfig:
     num_heads: Optional[int] = 4
     mlp_ratio: Optional[float] = 2.0
     drop_path_rate: float = 0.0
-    # "none" (from scratch), "timm" (timm's pre-trained weights; needs the hub or its cache),
-    # or a path to a local .safetensors/.pth/.bin file of timm weights for `arch`.
+    # "none" (from scratch), "timm" (timm's pre-trained weights; needs the hub or its cache), or
+    # the path of a weights file inside models/weights/ (a dependency of the pretrain stage).
     pretrained: str = "none"
-    position_embedding_dim: int = 32  # width of the LS-pos slot table (32 in the reference code)
 
     def check(self, key: str, image_size: int) -> None:
         for name in ("patch_size", "embed_dim", "depth", "num_heads"):
@@ -77,12 +172,12 @@ class ModelConfig:
             _require(self.mlp_ratio > 0, f"{key}.mlp_ratio", "must be > 0", self.mlp_ratio)
         _require(0.0 <= self.drop_path_rate < 1.0, f"{key}.drop_path_rate", "must be in [0, 1)",
                  self.drop_path_rate)
-        _require(self.position_embedding_dim >= 1, f"{key}.position_embedding_dim", "must be >= 1",
-                 self.position_embedding_dim)
+        _require(bool(self.arch.strip()), f"{key}.arch", "must name a timm model", self.arch)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    """What every training run shares: the optimiser, its schedule, augmentation, device."""
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -93,9 +188,6 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Random shift augmentation: pad by this many pixels and crop back (0 = off, as in the paper).
     shift_pixels: int = 0
-    # LayerShuffle order sampling: one permutation per batch (reference code) or per sample.
-    order_sampling: Literal["batch", "sample"] = "batch"
-    position_loss_weight: float = 1.0  # LS-pred: total = CE + weight * position CE
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def check(self, key: str) -> None:
@@ -110,10 +202,12 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
         _require(self.shift_pixels >= 0, f"{key}.shift_pixels", "must be >= 0", self.shift_pixels)
-        _require(self.position_loss_weight >= 0, f"{key}.position_loss_weight", "must be >= 0",
-                 self.position_loss_weight)
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-                 f"{key}.device", "must be auto, cpu, cuda or cuda:N", self.device)
+        check_device(self.device, f"{key}.device")
+
+    def training(self) -> "TrainConfig":
+        """Just the shared training fields (reads each of them, nothing else of a subclass)."""
+        return TrainConfig(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(TrainConfig)})
 
 
 @dataclass(frozen=True)
@@ -122,9 +216,42 @@ class PretrainConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class FinetuneRun:
-    variant: Literal["sequential", "ls", "ls_pos", "ls_pred"] = "ls"
+class FinetuneRun(_Section):
+    """One fine-tune: a variant, a seed, and the knobs only some variants have (null = default)."""
+    variant: Variant = "ls"
     seed: int = 0
+    # LayerShuffle variants: one permutation per batch (reference code) or one per sample.
+    order_sampling: Optional[Literal["batch", "sample"]] = None
+    position_loss_weight: Optional[float] = None   # ls_pred: loss = CE + weight * position CE
+    position_embedding_dim: Optional[int] = None   # ls_pos: width of the slot table (ref. code 32)
+
+    # knob -> (variants it applies to, its default)
+    KNOBS: typing.ClassVar[dict[str, tuple[tuple[str, ...], Any]]] = {
+        "order_sampling": (LAYERSHUFFLE_VARIANTS, "batch"),
+        "position_loss_weight": (("ls_pred",), 1.0),
+        "position_embedding_dim": (("ls_pos",), 32),
+    }
+
+    def check(self, key: str) -> None:
+        for knob, (variants, _) in self.KNOBS.items():
+            value = getattr(self, knob)
+            _require(value is None or self.variant in variants, f"{key}.{knob}",
+                     f"has no effect for variant {self.variant} (only for "
+                     f"{', '.join(variants)}); remove it", value)
+        if self.position_loss_weight is not None:
+            _require(self.position_loss_weight >= 0, f"{key}.position_loss_weight", "must be >= 0",
+                     self.position_loss_weight)
+        if self.position_embedding_dim is not None:
+            _require(self.position_embedding_dim >= 1, f"{key}.position_embedding_dim",
+                     "must be >= 1", self.position_embedding_dim)
+
+    def knob(self, name: str) -> Any:
+        """The value of a variant knob, its default when unset (None if the variant lacks it)."""
+        variants, default = self.KNOBS[name]
+        if self.variant not in variants:
+            return None
+        value = getattr(self, name)
+        return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -134,13 +261,15 @@ class FinetuneConfig(TrainConfig):
     def check(self, key: str) -> None:
         super().check(key)
         _require(len(self.runs) >= 1, f"{key}.runs", "needs at least one run", self.runs)
-        for name in self.runs:
-            _require(name.replace("_", "").replace("-", "").isalnum(), f"{key}.runs.{name}",
+        for name, run in self.runs.items():
+            _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) is not None,
+                     f"{key}.runs.{name}",
                      "run names may hold only letters, digits, '_' and '-' (they name files)", name)
+            run.check(f"{key}.runs.{name}")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     num_orders: int = 50
     order_seed: int = 1234
     batch_size: int = 256
@@ -149,17 +278,18 @@ class EvaluateConfig:
     def check(self, key: str) -> None:
         _require(self.num_orders >= 1, f"{key}.num_orders", "must be >= 1", self.num_orders)
         _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        check_device(self.device, f"{key}.device")
 
 
 @dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(_Section):
     experiment: str = "anyorder"
     # null: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` at the project root.
     tracking_uri: Optional[str] = None
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(_Section):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -174,8 +304,24 @@ class Settings:
         self.finetune.check("finetune")
         self.evaluate.check("evaluate")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def restrict_to(self, declared: list[str], stage: str) -> "Settings":
+        """From now on, reading a key outside `declared` (dotted prefixes) raises
+        UndeclaredParamError naming `stage`. Returns self."""
+        self._attach(_AccessLog(stage, declared), "")
+        return self
+
+    def keys_read(self) -> set[str]:
+        """The dotted keys read since `restrict_to` (empty before)."""
+        log = object.__getattribute__(self, "__dict__").get("_log")
+        return set(log.read) if log else set()
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def check_device(name: str, key: str) -> None:
+    """ConfigError unless `name` is auto, cpu, cuda or cuda:N (whether it exists is checked by
+    `anyorder.tensors.resolve_device`, which needs torch)."""
+    _require(_DEVICE.fullmatch(name) is not None, key, "must be auto, cpu, cuda or cuda:N", name)
 
 
 def load_settings(path: str | Path = "params.yaml", overrides: Optional[dict[str, Any]] = None
@@ -188,7 +334,7 @@ def load_settings(path: str | Path = "params.yaml", overrides: Optional[dict[str
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:
         return settings_from_dict(raw, overrides)
     except ConfigError as exc:
@@ -206,7 +352,6 @@ def settings_from_dict(raw: Any, overrides: Optional[dict[str, Any]] = None) -> 
 
 
 def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
-    import copy
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = raw
@@ -255,31 +400,34 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__}")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        return _Runs({str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()})
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, key)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
         return value
     if hint is float:
-        # YAML reads 1e-3 as a string (no dot); accept numeric strings, refuse anything else.
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return _finite_number(value, key)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
         return value
     raise TypeError(f"unsupported setting type {hint!r} for {key}")  # a bug here, not user input
+
+
+def _finite_number(value: Any, key: str) -> float:
+    """A YAML number (or numeric string: YAML reads 1e-3 as one) that is neither NaN nor inf."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number

@@ -1,12 +1,16 @@
 """The `prepare` stage: load an image classification dataset, resize it, split it, write it out.
 
-Sources (see `SOURCES`) all return a `RawDataset` of uint8 RGB images. `prepare_dataset` checks
-it, resizes to a square `image_size`, makes a seeded stratified train/val/test split and writes
-`{train,val,test}.npz` plus `meta.json` into `out_dir`, atomically. Every problem with the input
-raises `DataError` naming the file or class at fault and saying how to fix it.
+Sources (see `SOURCES`) all return a `RawDataset` of uint8 RGB images at the target size (an
+ImageFolder is decoded and resized one image at a time, so memory follows the output, not the
+photos). `prepare_dataset` checks it, makes a seeded stratified train/val/test split and writes
+`{train,val,test}.npz` plus `meta.json` into `out_dir`, atomically and byte-for-byte the same for
+the same input. Every problem with the input raises `DataError` naming the file or class at
+fault and saying how to fix it.
 
-Only numpy, Pillow and the standard library are imported here: scikit-learn is imported inside
-the digits loader alone, so the other sources work where it is not installed.
+The embedded default is `data/embedded/digits.npz` in the repository: the 1,797 8x8 handwritten
+digits of the UCI collection, as scikit-learn ships them (pixel values 0..16 scaled to 0..255).
+
+Only numpy, Pillow and the standard library are imported here.
 """
 from __future__ import annotations
 
@@ -22,11 +26,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
+from .files import atomic_write_json, npz_bytes
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data. The message names the file, path or class at fault and how to fix it."""
 
 
@@ -63,21 +70,6 @@ def _require_path(source: str, path: Optional[str]) -> Path:
         raise DataError(f"source '{source}' needs a path (set data.path to the directory or file "
                         f"holding the dataset)")
     return Path(path).expanduser()
-
-
-def _load_digits(path: Optional[str]) -> RawDataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images; `path` ignored) -> RawDataset."""
-    try:
-        # Imported here so the rest of the module needs nothing beyond numpy and Pillow.
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataError("source 'digits' needs scikit-learn (pip install scikit-learn), "
-                        "or choose another data.source") from exc
-    bunch = load_digits()
-    # Pixel values are 0..16; stretch them to the 0..255 range every other source uses.
-    gray = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    return RawDataset(images=_to_rgb(gray), labels=bunch.target.astype(np.int64),
-                      class_names=[str(i) for i in range(10)])
 
 
 @dataclass(frozen=True)
@@ -140,7 +132,7 @@ def _cifar_key(obj: dict, key: bytes, file: Path):
     return obj[key]
 
 
-def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str]) -> RawDataset:
+def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str], size: int) -> RawDataset:
     """A CIFAR-10/100 'python version' directory -> all its images (train and test together)."""
     folder = _find_cifar_dir(source, path, layout)
     images, labels = [], []
@@ -159,32 +151,42 @@ def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str]) -> RawDa
     meta_file = folder / layout.meta_file
     names = _cifar_key(_unpickle(meta_file), layout.names_key, meta_file)
     class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
-    return RawDataset(images=np.ascontiguousarray(np.concatenate(images)),
+    return RawDataset(images=resize_images(np.concatenate(images), size),
                       labels=np.concatenate(labels), class_names=class_names)
 
 
-def _is_hidden(file: Path, root: Path) -> bool:
-    """True if any part of `file` below `root` starts with '.' (.ipynb_checkpoints, ._x.png)."""
-    return any(part.startswith(".") for part in file.relative_to(root).parts)
-
-
 def _image_files(class_dir: Path) -> list[Path]:
-    """Image files anywhere below `class_dir` (any extension case), sorted, hidden ones skipped."""
+    """Image files anywhere below `class_dir` (any extension case), sorted, hidden ones skipped.
+
+    A sub-folder that cannot be listed is an error naming it, not a silent gap in the class
+    (pathlib's rglob skips unreadable folders without a word).
+    """
+    def refuse(exc: OSError) -> None:
+        reason = exc.strerror or str(exc)
+        raise DataError(f"{exc.filename or class_dir}: cannot list this folder ({reason}); fix "
+                        f"its permissions or remove it from the data set") from exc
+
+    files = []
     # Hidden entries are skipped: macOS '._x.png' resource forks and notebook checkpoints
     # carry image extensions but are not images of the class.
-    return sorted(f for f in class_dir.rglob("*")
-                  if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                  and not _is_hidden(f, class_dir))
+    for folder, subfolders, names in os.walk(class_dir, onerror=refuse):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        files += [Path(folder) / n for n in names
+                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(f for f in files if f.is_file())
 
 
-def _read_image(file: Path, size: Optional[tuple[int, int]]) -> np.ndarray:
-    """One image file -> uint8 (H, W, 3); resized (bilinear) to `size` = (W, H) when given."""
+def _read_image(file: Path, size: int) -> np.ndarray:
+    """One image file -> uint8 (size, size, 3), decoded and resized on its own (bilinear)."""
     try:
         with Image.open(file) as im:
+            # JPEG can decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo never sits in
+            # memory at full size when a 32x32 image is wanted.
+            im.draft("RGB", (size, size))
             # Honour the EXIF orientation so camera photos are not sideways.
             im = ImageOps.exif_transpose(im).convert("RGB")
-            if size is not None and im.size != size:
-                im = im.resize(size, Image.BILINEAR)
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombError) as exc:
@@ -192,33 +194,35 @@ def _read_image(file: Path, size: Optional[tuple[int, int]]) -> np.ndarray:
                         ) from exc
 
 
-def _load_imagefolder(path: Optional[str]) -> RawDataset:
-    """A directory with one sub-folder of images per class -> RawDataset.
+def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
+    """A directory with one sub-folder of images per class -> RawDataset at size x size.
 
-    Class names are the sorted sub-folder names. Every image is converted to RGB and resized to
-    the size of the first image read, so images of different sizes stack into one array.
+    Class names are the sorted sub-folder names. Each image is decoded and resized on its own,
+    straight into one preallocated array, so memory is that of the output.
     """
     root = _require_path("imagefolder", path)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory for source 'imagefolder' (expected a folder "
                         f"with one sub-folder of images per class)")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list this folder ({exc.strerror or exc})") from exc
     if not class_dirs:
         raise DataError(f"{root}: no class sub-folders found (put the images of each class in "
                         f"their own sub-folder, e.g. {root}/cat/1.png)")
-    images, labels = [], []
-    size: Optional[tuple[int, int]] = None
+    files, labels = [], []
     for index, class_dir in enumerate(class_dirs):
-        files = _image_files(class_dir)
-        if not files:
+        class_files = _image_files(class_dir)
+        if not class_files:
             raise DataError(f"{class_dir}: class folder '{class_dir.name}' has no images "
                             f"({'/'.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
-        for file in files:
-            array = _read_image(file, size)
-            size = size or (array.shape[1], array.shape[0])
-            images.append(array)
-            labels.append(index)
-    return RawDataset(images=np.stack(images), labels=np.asarray(labels, dtype=np.int64),
+        files += class_files
+        labels += [index] * len(class_files)
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    for i, file in enumerate(files):
+        images[i] = _read_image(file, size)
+    return RawDataset(images=images, labels=np.asarray(labels, dtype=np.int64),
                       class_names=[d.name for d in class_dirs])
 
 
@@ -262,7 +266,7 @@ def _npz_labels(y: np.ndarray, file: Path) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def _load_npz(path: Optional[str]) -> RawDataset:
+def _load_npz(path: Optional[str], size: int) -> RawDataset:
     """An .npz file with `x` images, `y` integer labels and optional `class_names` -> RawDataset."""
     file = _require_path("npz", path)
     if not file.is_file():
@@ -303,11 +307,11 @@ def _load_npz(path: Optional[str]) -> RawDataset:
         raise DataError(f"{file}: label {int(labels.max())} is out of range for "
                         f"{len(class_names)} class_names (labels must be in "
                         f"0..{len(class_names) - 1})")
-    return RawDataset(images=images, labels=labels, class_names=class_names)
+    return RawDataset(images=resize_images(images, size), labels=labels, class_names=class_names)
 
 
-SOURCES: dict[str, Callable[[Optional[str]], RawDataset]] = {
-    "digits": _load_digits,
+# name -> loader(path, image_size). The names are those `data.source` accepts (config.py).
+SOURCES: dict[str, Callable[[Optional[str], int], RawDataset]] = {
     "cifar10": functools.partial(_load_cifar, _CIFAR10, "cifar10"),
     "cifar100": functools.partial(_load_cifar, _CIFAR100, "cifar100"),
     "imagefolder": _load_imagefolder,
@@ -315,12 +319,15 @@ SOURCES: dict[str, Callable[[Optional[str]], RawDataset]] = {
 }
 
 
-def load_source(source: str, path: Optional[str]) -> RawDataset:
-    """Source name and its path -> RawDataset. An unknown source -> DataError listing known ones."""
+def load_source(source: str, path: Optional[str], image_size: int) -> RawDataset:
+    """Source name and its path -> RawDataset of image_size x image_size images. An unknown
+    source -> DataError listing the known ones."""
     loader = SOURCES.get(source)
     if loader is None:
         raise DataError(f"unknown data source '{source}'; choose one of {', '.join(SOURCES)}")
-    return loader(path)
+    if image_size < 1:
+        raise DataError(f"image size must be >= 1, got {image_size}")
+    return loader(path, image_size)
 
 
 def validate_dataset(raw: RawDataset, where: str) -> None:
@@ -354,14 +361,15 @@ def validate_dataset(raw: RawDataset, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3) by PIL bilinear; a copy if H = W = size."""
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3) by PIL bilinear (`images` itself if they
+    already have that size)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"resize_images needs uint8 (N, H, W, 3), got {images.dtype} "
                         f"{images.shape}")
     if size < 1:
         raise DataError(f"image size must be >= 1, got {size}")
     if images.shape[1:3] == (size, size):
-        return images.copy()
+        return images
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
         out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
@@ -415,17 +423,6 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 # Writing and reading the prepared dataset
 # --------------------------------------------------------------------------------------------
 
-def _write_split(file: Path, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
-    """Write one split as an .npz with keys x (uint8), y (int64), index (int64)."""
-    with open(file, "wb") as f:
-        np.savez(f, x=x, y=y, index=index)
-
-
-def _write_meta(file: Path, meta: dict) -> None:
-    """Write the meta dict as indented JSON."""
-    file.write_text(json.dumps(meta, indent=2) + "\n")
-
-
 def _replace_dir(new: Path, target: Path) -> None:
     """Move directory `new` to `target`, replacing any old `target`; on failure keep the old one."""
     backup = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -464,17 +461,18 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
     """Load, validate, resize, split and write a dataset; return the meta dict.
 
     Writes out_dir/{train,val,test}.npz (x uint8 (N,S,S,3), y int64, index int64 into the
-    source's image order) and out_dir/meta.json. All files go to a temporary sibling directory
-    first, which then replaces out_dir, so a failure at any point leaves out_dir as it was.
+    source's image order) and out_dir/meta.json, the same bytes for the same input. All files go
+    to a temporary sibling directory first, which then replaces out_dir, so a failure at any point
+    leaves out_dir as it was.
     """
     out_dir = Path(out_dir)
     if image_size < 1:
         raise DataError(f"image_size must be >= 1, got {image_size}")
     _check_fractions(val_fraction, test_fraction)
     _check_out_dir(out_dir)
-    raw = load_source(source, path)
+    raw = load_source(source, path, image_size)
     validate_dataset(raw, f"{path} (source '{source}')" if path else f"source '{source}'")
-    images = resize_images(raw.images, image_size)
+    images = raw.images
     splits = stratified_split(raw.labels, val_fraction, test_fraction, seed, raw.class_names)
     num_classes = len(raw.class_names)
     meta = {
@@ -497,8 +495,9 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
     try:
         tmp.mkdir()
         for name, index in splits.items():
-            _write_split(tmp / f"{name}.npz", images[index], raw.labels[index], index)
-        _write_meta(tmp / "meta.json", meta)
+            (tmp / f"{name}.npz").write_bytes(
+                npz_bytes({"x": images[index], "y": raw.labels[index], "index": index}))
+        atomic_write_json(tmp / "meta.json", meta)
         _replace_dir(tmp, out_dir)
     finally:
         # On success tmp was renamed away; on any failure this removes the partial output.

@@ -73,3 +73,4 @@ def evaluate_orders(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, 
         "depth": model.depth,
         "arbitrary_ci95_halfwidth": 1.96 * arbitrary["std"] / math.sqrt(len(per_order)),
     }
+

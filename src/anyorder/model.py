@@ -15,16 +15,30 @@ Variants (spec section 1):
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+import socket
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = ("sequential", "ls", "ls_pos", "ls_pred")
+from .config import VARIANTS, ConfigError, FinetuneRun, ModelConfig
+
 # Which variants are trained with shuffled orders. A registry, not an if-chain.
 SHUFFLED_TRAINING = {"sequential": False, "ls": True, "ls_pos": True, "ls_pred": True}
+# The architecture fields a params.yaml may override (null = keep timm's value).
+ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+class ModelSettingsError(ConfigError):
+    """model.* settings that timm cannot build or load: the message names the key."""
+
 
 ExecutionOrder = Union[Sequence[int], torch.Tensor]
 
@@ -175,17 +189,24 @@ class AnyOrderViT(nn.Module):
                     position_logits.append(self.position_heads[block_index](tokens))
             return tokens, position_logits
         # One order per sample: at each slot, group the samples by the block they run.
+        # Results are gathered in buffers of the dtype the blocks return: under autocast a block
+        # or head may return bf16 for fp32 tokens, and index assignment needs equal dtypes.
+        batch = tokens.shape[0]
         for slot in range(order.shape[1]):
             column = order[:, slot]
-            new_tokens = torch.empty_like(tokens)
-            slot_logits = tokens.new_empty(tokens.shape[0], self.depth) \
-                if self.variant == "ls_pred" else None
+            new_tokens: Optional[torch.Tensor] = None
+            slot_logits: Optional[torch.Tensor] = None
             for block_index in column.unique().tolist():
                 rows = (column == block_index).nonzero(as_tuple=True)[0]
                 out = self._run_block(tokens[rows], block_index, slot)
+                if new_tokens is None:
+                    new_tokens = out.new_empty((batch, *out.shape[1:]))
                 new_tokens[rows] = out
-                if slot_logits is not None:
-                    slot_logits[rows] = self.position_heads[block_index](out)
+                if self.variant == "ls_pred":
+                    head_out = self.position_heads[block_index](out)
+                    if slot_logits is None:
+                        slot_logits = head_out.new_empty((batch, head_out.shape[1]))
+                    slot_logits[rows] = head_out
             tokens = new_tokens
             if slot_logits is not None:
                 position_logits.append(slot_logits)
@@ -247,42 +268,168 @@ class AnyOrderViT(nn.Module):
         return kept
 
 
+# -- building models from settings -------------------------------------------------------------
+
+def architecture_defaults(arch: str) -> dict:
+    """timm's own values of ARCH_FIELDS for `arch` (built on the meta device: no memory, no
+    weights). ModelSettingsError if timm has no such model or it is not a VisionTransformer."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (see timm.list_models('vit_*'))"
+        raise ModelSettingsError(f"model.arch: timm has no model named {arch!r}{hint}")
+    with torch.device("meta"):
+        vit = timm.create_model(arch)
+    if not isinstance(vit, VisionTransformer):
+        raise ModelSettingsError(f"model.arch: {arch!r} is not a timm VisionTransformer; pick a "
+                                 f"vit_* or deit_* model")
+    mlp = vit.blocks[0].mlp
+    hidden = getattr(mlp, "fc1", None) or getattr(mlp, "fc1_g", None)
+    return {"patch_size": int(vit.patch_embed.patch_size[0]), "embed_dim": int(vit.embed_dim),
+            "depth": len(vit.blocks), "num_heads": int(vit.blocks[0].attn.num_heads),
+            "mlp_ratio": float(hidden.out_features) / vit.embed_dim if hidden else None}
+
+
+def model_spec(model: ModelConfig, image_size: int, class_names: Sequence[str],
+               variant: str = "sequential") -> ModelSpec:
+    """The spec of the pipeline's model: `model.arch` with its overrides, every null override
+    resolved to timm's value and checked (the checks config.py can only do for set values).
+    Normalisation is timm's for the architecture. Raises ModelSettingsError naming the key."""
+    import timm
+
+    defaults = architecture_defaults(model.arch)
+    resolved = {name: defaults[name] if getattr(model, name) is None else getattr(model, name)
+                for name in ARCH_FIELDS}
+
+    def source(name: str) -> str:
+        return (f"model.{name}={resolved[name]}" if getattr(model, name) is not None
+                else f"model.{name}=null (timm's {resolved[name]} for {model.arch})")
+
+    if image_size % resolved["patch_size"]:
+        raise ModelSettingsError(f"model.patch_size: {source('patch_size')} must divide "
+                                 f"data.image_size={image_size}")
+    if resolved["embed_dim"] % resolved["num_heads"]:
+        raise ModelSettingsError(f"model.num_heads: {source('num_heads')} must divide "
+                                 f"{source('embed_dim')}")
+    cfg = timm.models.get_pretrained_cfg(model.arch)
+    return ModelSpec(arch=model.arch, num_classes=len(class_names), img_size=image_size,
+                     variant=variant, drop_path_rate=model.drop_path_rate,
+                     mean=tuple(cfg.mean) if cfg else (0.5, 0.5, 0.5),
+                     std=tuple(cfg.std) if cfg else (0.5, 0.5, 0.5),
+                     class_names=list(class_names), **resolved)
+
+
+def variant_spec(base: ModelSpec, run: FinetuneRun) -> ModelSpec:
+    """The spec of a fine-tune run: its start model's spec with the run's variant (and knobs)."""
+    width = run.knob("position_embedding_dim")
+    return dataclasses.replace(base, variant=run.variant,
+                               position_embedding_dim=width or base.position_embedding_dim)
+
+
 def build_model(spec: ModelSpec, pretrained: str = "none", seed: Optional[int] = None
                 ) -> AnyOrderViT:
     """Create the timm ViT named by `spec.arch` with its overrides and wrap it.
 
     `pretrained`: "none", "timm" (timm's weights: needs the model hub or its local cache), or a
-    path to a local checkpoint of timm weights for that architecture. `seed` makes the random
-    initialisation reproducible without touching the caller's global random state.
+    path to a local .safetensors file of timm weights for that architecture. `seed` makes the
+    random initialisation reproducible without touching the caller's global random state.
+    Problems with the architecture or the weights raise ModelSettingsError (a ConfigError) that
+    names the setting, before any weights are trained.
     """
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_model(spec, pretrained)
     import timm
-    from timm.models.vision_transformer import VisionTransformer
 
-    if spec.arch not in timm.list_models():
-        raise ValueError(f"model.arch: timm has no model named {spec.arch!r} "
-                         f"(see timm.list_models('vit_*'))")
+    architecture_defaults(spec.arch)  # a clear error for an unknown or non-ViT name
     kwargs = spec.timm_kwargs()
     if pretrained == "timm":
+        _check_timm_weights_fit(spec)
+        _check_timm_weights_reachable(spec.arch)
         kwargs["pretrained"] = True
     elif pretrained and pretrained != "none":
-        from pathlib import Path
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"model.pretrained: no such weights file {pretrained!r}")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
-    not_a_vit = ValueError(f"model.arch: {spec.arch!r} is not a timm VisionTransformer; "
-                           f"pick a vit_* or deit_* model")
+        file = Path(pretrained)
+        if not file.is_file():
+            raise ModelSettingsError(f"model.pretrained: no such weights file {pretrained!r}")
+        if file.suffix != ".safetensors":
+            raise ModelSettingsError(
+                f"model.pretrained: {pretrained!r} is not a .safetensors file; this project loads "
+                f"no pickles: convert it once, e.g. safetensors.torch.save_file(torch.load(f, "
+                f"weights_only=True), 'weights.safetensors')")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
     try:
         vit = timm.create_model(spec.arch, **kwargs)
-    except TypeError as exc:  # other families refuse ViT arguments such as img_size
-        raise not_a_vit from exc
-    if not isinstance(vit, VisionTransformer):
-        raise not_a_vit
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        if pretrained in ("none", "", None):
+            raise ModelSettingsError(f"model: timm cannot build {spec.arch} with "
+                                     f"{_overrides(spec)}: {exc}") from exc
+        raise ModelSettingsError(
+            f"model.pretrained: the weights {pretrained!r} do not load into {spec.arch} with "
+            f"{_overrides(spec)}: {str(exc).splitlines()[0][:300]}; set the overrides to null "
+            f"to use the shapes the weights were trained with") from exc
     _uniform_drop_path(vit, spec.drop_path_rate)
     return AnyOrderViT(vit, spec)
+
+
+def _overrides(spec: ModelSpec) -> str:
+    return ", ".join(f"{name}={getattr(spec, name)}" for name in ARCH_FIELDS)
+
+
+def _check_timm_weights_fit(spec: ModelSpec) -> None:
+    """timm's weights have timm's shapes: name the overrides that would change them."""
+    defaults = architecture_defaults(spec.arch)
+    changed = [f"model.{name}={getattr(spec, name)} (timm: {defaults[name]})"
+               for name in ("embed_dim", "depth", "num_heads", "mlp_ratio")
+               if getattr(spec, name) is not None and defaults[name] is not None
+               and abs(float(getattr(spec, name)) - float(defaults[name])) > 1e-9]
+    if changed:
+        raise ModelSettingsError(
+            f"model.pretrained: timm's weights for {spec.arch} cannot load with "
+            f"{', '.join(changed)}: the pre-trained layers were trained with timm's values; set "
+            f"those to null (model.patch_size and data.image_size may differ: timm resamples them)")
+
+
+def _check_timm_weights_reachable(arch: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the setting, where timm would retry the hub for a minute."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ModelSettingsError(f"model.pretrained: timm has no pre-trained weights for {arch!r}")
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else [
+            "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+            return
+        host, offline = urlparse(constants.ENDPOINT).hostname, constants.HF_HUB_OFFLINE
+        where = f"the Hugging Face hub ({constants.ENDPOINT}, repo {repo})"
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if cached.is_file():
+            return
+        host, offline, where = urlparse(cfg.url).hostname, False, cfg.url
+    reason = "HF_HUB_OFFLINE is set" if offline else _unreachable(host, timeout)
+    if reason:
+        raise ModelSettingsError(
+            f"model.pretrained: timm's weights for {arch} are not in the local cache and {where} "
+            f"cannot be reached ({reason}); download them on a connected machine (they are cached "
+            f"under ~/.cache/huggingface), or put a .safetensors file in models/weights/ and set "
+            f"model.pretrained to its path, or use model.pretrained: none")
+
+
+def _unreachable(host: Optional[str], timeout: float) -> Optional[str]:
+    """None if a TCP connection to host:443 opens within `timeout`, else why not."""
+    try:
+        socket.create_connection((host or "", 443), timeout=timeout).close()
+        return None
+    except OSError as exc:
+        return f"{host}: {exc}"
 
 
 def _uniform_drop_path(vit: nn.Module, rate: float) -> None:

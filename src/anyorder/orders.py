@@ -10,8 +10,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-# Independent random streams within one epoch.
-STREAM_BATCHES, STREAM_ORDERS, STREAM_AUGMENT, STREAM_VALIDATION = 0, 1, 2, 3
+# Independent random streams within one epoch. STREAM_GLOBAL seeds torch's global generator at
+# the start of each epoch, for what timm draws from it (stochastic depth, dropout).
+STREAM_BATCHES, STREAM_ORDERS, STREAM_AUGMENT, STREAM_VALIDATION, STREAM_GLOBAL = 0, 1, 2, 3, 4
 
 
 def generator_for(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generator:
@@ -35,6 +36,20 @@ class OrderSampler:
         if self.per_sample:
             return torch.argsort(torch.rand(batch_size, self.depth, generator=generator), dim=1)
         return torch.randperm(self.depth, generator=generator)
+
+
+def epoch_orders(seed: int, epoch: int, num_train: int, batch_size: int, depth: int,
+                 shuffle: bool, per_sample: bool) -> list[torch.Tensor]:
+    """The execution order of every training step of one epoch, as `train_model` draws them:
+    a (depth,) order per step, or (batch, depth) orders per step with `per_sample`.
+
+    This is the one place orders are drawn, so the orders of any run can be regenerated from
+    its seed and settings (recorded in `train_orders.json` beside every model).
+    """
+    sampler = OrderSampler(depth, shuffle, per_sample)
+    generator = generator_for(seed, epoch, STREAM_ORDERS)
+    sizes = [min(batch_size, num_train - start) for start in range(0, num_train, batch_size)]
+    return [sampler.sample(size, generator) for size in sizes]
 
 
 def random_orders(depth: int, count: int, seed: int, length: Optional[int] = None,

@@ -1,16 +1,21 @@
 """The training loop: one short, linear function for pre-training and every fine-tune variant.
 
 Resuming: at the end of every epoch the whole training state (weights, optimizer, schedule,
-history, orders used) is written atomically to `state_dir`. Batches, orders and augmentation of
-an epoch come from generators seeded by (seed, epoch), so a run killed and restarted continues
-from its last finished epoch and ends with the same weights as an uninterrupted run.
+history, orders used) is written atomically under `state_dir`, in a subdirectory named by a
+fingerprint of everything the run depends on (settings, seed, model spec, start weights, data,
+this package's code). Batches, orders, augmentation and torch's global generator (stochastic
+depth) are seeded per (seed, epoch), so a run killed and restarted continues from its last
+finished epoch and ends with the same weights as an uninterrupted run. A state file that is
+truncated, corrupt or written for anything else is ignored (with a warning), never resumed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,26 +23,33 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .checkpoint import (atomic_save_tensors, optimizer_state_from_tensors,
-                         optimizer_state_to_tensors)
+from .checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors, save_model
 from .config import TrainConfig
+from .data import load_split
 from .evaluate import accuracy_for_orders
+from .files import atomic_save_tensors, atomic_write_json
 from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_ORDERS, OrderSampler, generator_for,
+from .orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, epoch_orders, generator_for,
                      random_orders)
 from .tensors import random_shift, resolve_device, to_model_input
 
 STATE_FILE = "state.safetensors"
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the run stops instead of saving a broken model."""
+
+
 @dataclass
 class TrainResult:
-    history: list[dict] = field(default_factory=list)  # one record per epoch
+    history: list[dict] = field(default_factory=list)  # one record per epoch; no timings
     resumed_from_epoch: int = 0  # epochs already done when this call started (0 = fresh)
     orders: list[list[int]] = field(default_factory=list)  # shared per-batch orders, step by step
-    seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)  # epochs run by this call only
+    state_dir: Optional[Path] = None  # where the resume state lives (remove it once saved)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -68,34 +80,40 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 val_data: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, seed: int,
                 state_dir: Optional[str | Path] = None, fingerprint_extra: str = "",
-                on_epoch_end: Optional[Callable[[int, dict], None]] = None,
-                progress: bool = True) -> TrainResult:
+                on_epoch_end: Optional[Callable[[int, dict, float], None]] = None,
+                progress: bool = True, order_sampling: str = "batch",
+                position_loss_weight: float = 1.0) -> TrainResult:
     """Train `model` in place on uint8 images; return the per-epoch history.
 
     Sequential variants train in order 0..L-1; LayerShuffle variants in a random order per batch
-    (or per sample, `cfg.order_sampling`). `on_epoch_end(epoch, record)` runs after the epoch's
-    state is saved (logging, tests that kill the process).
+    (or per sample: `order_sampling="sample"`); LS-pred adds `position_loss_weight` x the slot
+    cross-entropy. `on_epoch_end(epoch, record, seconds)` runs after the epoch's state is saved
+    (logging, tests that kill the process). Raises TrainingDiverged on a NaN/inf loss.
     """
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    model.to(device)
     train_x, train_y = train_data
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    shuffle = SHUFFLED_TRAINING[model.variant]
+    per_sample = order_sampling == "sample"
+    fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra,
+                               order_sampling, position_loss_weight)
+    model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, cfg.schedule))
-    shuffle = SHUFFLED_TRAINING[model.variant]
-    sampler = OrderSampler(model.depth, shuffle, per_sample=cfg.order_sampling == "sample")
-    fingerprint = _fingerprint(model, cfg, seed, len(train_x), fingerprint_extra)
 
     result = TrainResult()
     start_epoch = 0
-    state_path = Path(state_dir) / STATE_FILE if state_dir else None
-    if state_path is not None and state_path.is_file():
-        start_epoch = _restore(state_path, fingerprint, model, optimizer, scheduler, result)
-        result.resumed_from_epoch = start_epoch
+    state_path = None
+    if state_dir is not None:
+        result.state_dir = Path(state_dir) / fingerprint[:16]
+        state_path = result.state_dir / STATE_FILE
+        if state_path.exists():
+            start_epoch = _restore(state_path, fingerprint, model, optimizer, scheduler, result)
+            result.resumed_from_epoch = start_epoch
 
     images = torch.as_tensor(train_x)  # uint8 stays compact; converted per batch
     labels = torch.as_tensor(train_y, dtype=torch.long)
@@ -103,42 +121,54 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.perf_counter()
         model.train()
-        batch_gen = generator_for(seed, epoch, STREAM_BATCHES)
-        order_gen = generator_for(seed, epoch, STREAM_ORDERS)
+        permutation = torch.randperm(len(images), generator=generator_for(seed, epoch, STREAM_BATCHES))
         augment_gen = generator_for(seed, epoch, STREAM_AUGMENT)
-        permutation = torch.randperm(len(images), generator=batch_gen)
+        orders = epoch_orders(seed, epoch, len(images), cfg.batch_size, model.depth, shuffle,
+                              per_sample)
         totals = {"loss": 0.0, "position_loss": 0.0, "correct": 0, "seen": 0}
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-        for step in range(steps_per_epoch):
-            index = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            batch = to_model_input(images[index], model.spec, device)
-            batch = random_shift(batch, cfg.shift_pixels, augment_gen)
-            targets = labels[index].to(device)
-            order = sampler.sample(len(index), order_gen)
-            if shuffle and order.dim() == 1:
-                result.orders.append(order.tolist())
-            with autocast:
-                out = model.forward_detailed(batch, order)
-                loss = F.cross_entropy(out.logits.float(), targets, label_smoothing=cfg.label_smoothing)
-                position_loss = torch.zeros((), device=device)
-                if out.position_logits is not None:
-                    position_loss = F.cross_entropy(out.position_logits.flatten(0, 1).float(),
-                                                    out.position_targets.flatten())
-                total = loss + cfg.position_loss_weight * position_loss
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            totals["loss"] += loss.item() * len(index)
-            totals["position_loss"] += position_loss.item() * len(index)
-            totals["correct"] += (out.logits.argmax(1) == targets).sum().item()
-            totals["seen"] += len(index)
-            if bar is not None:
-                bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
-                                acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
-                bar.update(1)
+        # timm draws stochastic depth (and any dropout) from torch's global generator: seed it
+        # per epoch, inside a fork so the caller's global random state is left as it was.
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(int(generator_for(seed, epoch, STREAM_GLOBAL).initial_seed()))
+            for step in range(steps_per_epoch):
+                index = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                batch = to_model_input(images[index], model.spec, device)
+                batch = random_shift(batch, cfg.shift_pixels, augment_gen)
+                targets = labels[index].to(device)
+                order = orders[step]
+                if shuffle and order.dim() == 1:
+                    result.orders.append(order.tolist())
+                with autocast:
+                    out = model.forward_detailed(batch, order)
+                    loss = F.cross_entropy(out.logits.float(), targets,
+                                           label_smoothing=cfg.label_smoothing)
+                    position_loss = torch.zeros((), device=device)
+                    if out.position_logits is not None:
+                        position_loss = F.cross_entropy(out.position_logits.flatten(0, 1).float(),
+                                                        out.position_targets.flatten())
+                    total = loss + position_loss_weight * position_loss
+                if not torch.isfinite(total):
+                    raise TrainingDiverged(
+                        f"the training loss became {total.item()} at epoch {epoch + 1}, step "
+                        f"{step + 1} (lr {scheduler.get_last_lr()[0]:.3g}); lower the learning "
+                        f"rate or set grad_clip. No model was saved.")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                totals["loss"] += loss.item() * len(index)
+                totals["position_loss"] += position_loss.item() * len(index)
+                totals["correct"] += (out.logits.argmax(1) == targets).sum().item()
+                totals["seen"] += len(index)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
+                                    acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
+                    bar.update(1)
         if bar is not None:
             bar.close()
         record = {
@@ -147,21 +177,55 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
             "train_accuracy": totals["correct"] / totals["seen"],
             "lr": scheduler.get_last_lr()[0],
             **_validate(model, val_data, seed, epoch, device),
-            "seconds": time.perf_counter() - epoch_started,
         }
         if model.variant == "ls_pred":
             record["train_position_loss"] = totals["position_loss"] / totals["seen"]
         result.history.append(record)
+        seconds = time.perf_counter() - epoch_started
+        result.epoch_seconds.append(seconds)
         if state_path is not None:
             _save_state(state_path, fingerprint, model, optimizer, scheduler, epoch + 1, result)
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                   f"acc {record['train_accuracy']:.4f} val {record['val_accuracy_sequential']:.4f} "
-                  f"(shuffled {record['val_accuracy_shuffled']:.4f}) {record['seconds']:.1f}s",
-                  flush=True)
+                  f"(shuffled {record['val_accuracy_shuffled']:.4f}) {seconds:.1f}s", flush=True)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
-    result.seconds = time.perf_counter() - started
+            on_epoch_end(epoch + 1, record, seconds)
+    if progress:
+        print(f"training took {time.perf_counter() - started:.1f}s", flush=True)
+    return result
+
+
+def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfig, seed: int,
+                   out_dir: str | Path, state_dir: Optional[str | Path] = None,
+                   order_sampling: str = "batch", position_loss_weight: float = 1.0,
+                   fingerprint_extra: str = "",
+                   on_epoch_end: Optional[Callable[[int, dict, float], None]] = None
+                   ) -> TrainResult:
+    """Train on a prepared data set (train split; val for the per-epoch check), then write
+    `out_dir`: the model (`model.safetensors` + `model.json` with the spec and the training
+    settings) and `train_orders.json` (the orders used, or how to regenerate per-sample ones).
+    Everything written depends only on the inputs (no timings), and the resume state is removed
+    once the model is saved."""
+    train_data, val_data = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    result = train_model(model, train_data, val_data, cfg, seed, state_dir=state_dir,
+                         fingerprint_extra=fingerprint_extra, on_epoch_end=on_epoch_end,
+                         order_sampling=order_sampling, position_loss_weight=position_loss_weight)
+    training = {"config": asdict(cfg), "seed": seed, "order_sampling": order_sampling,
+                "position_loss_weight": position_loss_weight, "final": result.history[-1]}
+    save_model(model, out_dir, {"training": training})
+    recipe = {"seed": seed, "order_sampling": order_sampling,
+              "shuffled": SHUFFLED_TRAINING[model.variant], "epochs": cfg.epochs,
+              "num_train": int(len(train_data[1])), "batch_size": cfg.batch_size,
+              "depth": model.depth}
+    if order_sampling == "sample" and SHUFFLED_TRAINING[model.variant]:
+        # One order per sample per step is too much to list; regenerate it exactly with
+        # anyorder.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).
+        recipe["orders"] = None
+    else:
+        recipe["orders"] = result.orders
+    atomic_write_json(Path(out_dir) / "train_orders.json", recipe)
+    remove_state(result)
     return result
 
 
@@ -174,9 +238,36 @@ def _validate(model: AnyOrderViT, val_data, seed: int, epoch: int, device) -> di
             "val_accuracy_shuffled": float(np.mean(accuracies[1:]))}
 
 
-def _fingerprint(model, cfg: TrainConfig, seed: int, num_train: int, extra: str) -> str:
+# -- resume state ----------------------------------------------------------------------------------
+
+def code_digest() -> str:
+    """sha256 of this package's source: training state from other code is never resumed."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\0".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(model, cfg: TrainConfig, seed: int, train_data, extra: str,
+                 order_sampling: str, position_loss_weight: float) -> str:
+    """Everything a run's result depends on: the state of another run must not be resumed."""
+    data = hashlib.sha256()
+    for array in train_data:
+        data.update(np.ascontiguousarray(array).tobytes())
     blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "spec": model.spec.to_dict(),
-                       "num_train": num_train, "extra": extra}, sort_keys=True, default=str)
+                       "order_sampling": order_sampling,
+                       "position_loss_weight": position_loss_weight,
+                       "data": data.hexdigest(), "start": _tensors_digest(model.state_dict()),
+                       "code": code_digest(), "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -187,27 +278,42 @@ def _save_state(path: Path, fingerprint, model, optimizer, scheduler, epoch: int
     tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
     info = {"fingerprint": fingerprint, "epoch": epoch, "optimizer": optim_info,
             "scheduler": scheduler.state_dict(), "history": result.history,
-            "orders": result.orders}
+            "orders": result.orders, "tensors_sha256": _tensors_digest(tensors)}
     atomic_save_tensors(path, tensors, metadata={"training_state": json.dumps(info, default=str)})
 
 
 def _restore(path: Path, fingerprint, model, optimizer, scheduler, result: TrainResult) -> int:
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        info = json.loads(f.metadata()["training_state"])
-    if info["fingerprint"] != fingerprint:
-        # Settings or inputs changed since that state was written: it is not this run's.
-        print(f"[train] ignoring {path}: written for other settings or data; starting fresh")
+    """Load a saved state into the run; 0 (start fresh) if it is unreadable or not this run's."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads(f.metadata()["training_state"])
+        tensors = load_file(str(path))
+        intact = _tensors_digest(tensors) == info["tensors_sha256"]
+    except Exception as exc:  # truncated or corrupt (power loss, full disk): any error means that
+        warnings.warn(f"[train] {path} is unreadable ({type(exc).__name__}: {exc}); removing it "
+                      f"and starting fresh", stacklevel=2)
+        path.unlink(missing_ok=True)
         return 0
-    tensors = load_file(str(path))
+    if not intact or info["fingerprint"] != fingerprint:
+        why = "its tensors do not match their checksum" if not intact else (
+            "it was written for other settings, data, start weights or code")
+        warnings.warn(f"[train] ignoring {path}: {why}; starting fresh", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return 0
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     optim_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
     optimizer.load_state_dict(optimizer_state_from_tensors(optim_tensors, info["optimizer"]))
     scheduler.load_state_dict(info["scheduler"])
     result.history = info["history"]
     result.orders = info["orders"]
-    print(f"[train] resumed from {path} after epoch {info['epoch']}")
+    print(f"[train] resumed from {path} after epoch {info['epoch']}", flush=True)
     return int(info["epoch"])
+
+
+def remove_state(result: TrainResult) -> None:
+    """Delete a finished run's resume state (call once its model is saved)."""
+    if result.state_dir is not None:
+        shutil.rmtree(result.state_dir, ignore_errors=True)
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -1,0 +1,171 @@
+"""Bad input to a stage: a clear message naming the key or file, exit code 2 (1 for a run that
+diverged), before any compute, and nothing written. Each case runs the real stage script in a
+tiny copy of the project whose data is prepared and whose other outputs do not exist yet."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import copy_tiny_project
+
+
+@pytest.fixture(scope="module")
+def prepared_project(tmp_path_factory):
+    """A tiny project after `prepare` (run directly: no DVC needed to test one stage)."""
+    root = copy_tiny_project(tmp_path_factory.mktemp("bad-input") / "p")
+    proc = stage(root, "prepare")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.fixture()
+def project(prepared_project, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(prepared_project, root, symlinks=True)
+    return root
+
+
+def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None):
+    """Run pipeline/<name>.py in `root`, with params.yaml edited by `edit(params)` first."""
+    if edit is not None:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        edit(params)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+               **(env or {})}
+    return subprocess.run([sys.executable, f"pipeline/{name}.py", *args], cwd=root, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def refused(proc, message: str, code: int = 2) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def nothing_trained(root: Path) -> None:
+    assert not (root / "models/pretrain").exists()
+    assert not (root / "plots/train").exists()
+    assert not list((root / ".anyorder/state").glob("*/*/*.safetensors"))
+
+
+def mlflow_runs(root: Path, stage_name: str) -> int:
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, f"tags.`anyorder.stage` = '{stage_name}'"))
+
+
+def section(name: str, **values):
+    return lambda params: params[name].update(values)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (section("model", arch="vit_tiny_patch16_244"),
+     "model.arch: timm has no model named 'vit_tiny_patch16_244'; did you mean "
+     "vit_tiny_patch16_224"),
+    (section("model", arch="resnet18"), "model.arch: 'resnet18' is not a timm VisionTransformer"),
+    (section("model", num_heads=None),  # timm's 3 heads do not divide the tiny width 16
+     "model.num_heads: model.num_heads=null (timm's 3 for vit_tiny_patch16_224) must divide "
+     "model.embed_dim=16"),
+    (section("model", pretrained="/elsewhere/vit.safetensors"),
+     "model.pretrained: '/elsewhere/vit.safetensors' is not inside models/weights/"),
+    (section("model", pretrained="models/weights/missing.safetensors"),
+     "model.pretrained: no such weights file 'models/weights/missing.safetensors'"),
+    (section("model", pretrained="timm"),
+     "model.pretrained: timm's weights for vit_tiny_patch16_224 cannot load with "
+     "model.embed_dim=16 (timm: 192)"),
+    (section("pretrain", device="gpu"), "pretrain.device: must be auto, cpu, cuda or cuda:N"),
+    (lambda p: p["pretrain"].update(lr=float("inf")), "pretrain.lr: must be a finite number"),
+])
+def test_pretrain_refuses_bad_model_settings_before_training(project, edit, message):
+    refused(stage(project, "pretrain", edit=edit), message)
+    nothing_trained(project)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_cuda_without_a_gpu_stops_before_mlflow_and_compute(project):
+    proc = stage(project, "pretrain", edit=section("pretrain", device="cuda"))
+    refused(proc, "pretrain.device: 'cuda' asked for, but torch sees no CUDA device")
+    nothing_trained(project)
+    assert mlflow_runs(project, "pretrain") == 0  # refused before the stage's MLflow run
+
+
+def test_a_diverging_training_fails_and_saves_nothing(project):
+    proc = stage(project, "pretrain", edit=section("pretrain", lr=1e30, grad_clip=None))
+    refused(proc, "pretrain: the training loss became", code=1)
+    assert "lower the learning rate" in proc.stderr
+    assert not (project / "models/pretrain").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (section("evaluate", device="gpu"), "evaluate.device: must be auto, cpu, cuda or cuda:N"),
+    (section("evaluate", device="cuda:x"), "evaluate.device: must be auto, cpu, cuda or cuda:N"),
+])
+def test_evaluate_refuses_a_bad_device(project, edit, message):
+    refused(stage(project, "evaluate", "--run", "seq", edit=edit), message)
+    assert not (project / "metrics").exists()
+
+
+def test_an_unknown_run_is_refused(project):
+    refused(stage(project, "evaluate", "--run", "nope"),
+            "finetune.runs has no run 'nope' (known: seq, ls)")
+
+
+def test_missing_data_is_refused_and_the_prepared_data_kept(project):
+    before = (project / "data/prepared/train.npz").read_bytes()
+    proc = stage(project, "prepare", edit=section("data", path="data/missing.npz"))
+    refused(proc, "data/missing.npz: no such file for source 'npz'")
+    assert (project / "data/prepared/train.npz").read_bytes() == before
+
+
+def test_a_run_id_that_would_break_mlflow_searches_is_refused(project):
+    proc = stage(project, "prepare", env={"ANYORDER_PIPELINE_RUN_ID": "nightly' or '1'='1"})
+    refused(proc, "ANYORDER_PIPELINE_RUN_ID=\"nightly' or '1'='1\": use 1-200 letters")
+    assert mlflow_runs(project, "prepare") == 1  # the fixture's run only
+
+
+def test_an_unreachable_mlflow_store_stops_the_stage_before_compute(project):
+    meta = (project / "data/prepared/meta.json").read_text()
+    proc = stage(project, "prepare", edit=section("data", val_fraction=0.3),
+                 env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    refused(proc, "MLflow tracking store http://127.0.0.1:9 cannot be used")
+    assert "Nothing was computed" in proc.stderr
+    assert (project / "data/prepared/meta.json").read_text() == meta  # not replaced
+
+
+def test_mlflow_failing_mid_stage_is_a_warning_and_the_outputs_are_written(project, tmp_path):
+    """MLflow mirrors; DVC's outputs are the truth: a store that dies after the stage started
+    must not throw away its work, nor leave half of it."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import mlflow\n"
+        "def gone(*args, **kwargs):\n"
+        "    raise ConnectionError('tracking server went away')\n"
+        "mlflow.log_metrics = gone\n")
+    proc = stage(project, "prepare", edit=section("data", val_fraction=0.3),
+                 env={"PYTHONPATH": str(hooks)})
+    assert proc.returncode == 0, proc.stderr
+    assert "prepare: MLflow stopped answering (ConnectionError: tracking server went away)" in \
+        proc.stderr
+    assert '"val_fraction": 0.3' in (project / "data/prepared/meta.json").read_text()
+
+
+def test_a_stage_is_refused_while_a_flow_run_holds_the_workspace(project):
+    import workspace  # pipeline/ is on sys.path (conftest)
+    with workspace.exclusive(project, "flow-run-123"):
+        proc = stage(project, "prepare")
+        refused(proc, "Prefect flow run flow-run-123")
+        assert "is running the pipeline in this workspace" in proc.stderr
+        # The flow run's own stages go on.
+        own = stage(project, "prepare", env={workspace.OWNER_ENV: "flow-run-123"})
+        assert own.returncode == 0, own.stderr
+    assert stage(project, "prepare").returncode == 0  # released
