@@ -20,7 +20,6 @@ import argparse
 import fcntl
 import os
 import re
-import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import yaml  # noqa: E402
 
 import workspace  # noqa: E402
+from processes import die_with_parent  # noqa: E402
 from anyorder.config import Settings, load_settings  # noqa: E402
 from anyorder.errors import InputError  # noqa: E402
 from anyorder.files import tree_digest  # noqa: E402
@@ -122,18 +122,6 @@ class Stage:
     params_path: str
 
 
-def _die_with_parent() -> None:
-    """If the process that started us (dvc, run by a Prefect task) is killed, stop too, so no
-    orphaned stage keeps computing and writing. SIGTERM becomes SystemExit: temporary files of
-    atomic writes are removed on the way out."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            sys.exit(128 + signal.SIGTERM)
-
-
 def begin(description: str, name: str, with_run: bool = False) -> Stage:
     """Parse the stage's arguments and load its settings; exit 2 on bad input (see module doc)."""
     parser = argparse.ArgumentParser(description=description)
@@ -141,7 +129,8 @@ def begin(description: str, name: str, with_run: bool = False) -> Stage:
     if with_run:
         parser.add_argument("--run", required=True, help="name of a run under finetune.runs")
     args = parser.parse_args()
-    _die_with_parent()
+    # If dvc (run by a Prefect task) is killed, stop too: no orphaned stage keeps computing.
+    die_with_parent()
     stage_name = f"{name}@{args.run}" if with_run else name
     with user_errors():
         workspace.check_stage_may_run(Path.cwd())

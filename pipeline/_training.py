@@ -3,6 +3,7 @@ MLflow, write the plot. Kept out of _stage.py so that stages that train nothing 
 the training code."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from _stage import PREPARED, Stage, fail, inputs_digest, project_root, track
@@ -35,6 +36,9 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
         mlflow.log_metrics({"train_seconds": sum(result.epoch_seconds),
                             "resumed_from_epoch": result.resumed_from_epoch})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
+    # Saved: no state of this stage is worth resuming any more, also none left by a run with
+    # other settings that was killed.
+    shutil.rmtree(STATE / stage.name, ignore_errors=True)
     final = result.history[-1]
     print(f"{stage.name}: val accuracy {final['val_accuracy_sequential']:.4f} sequential, "
           f"{final['val_accuracy_shuffled']:.4f} shuffled -> {out_dir}")

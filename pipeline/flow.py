@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import signal
@@ -45,13 +46,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-try:  # imported as pipeline.flow
-    from . import _stage, dvc_graph as dg, env, workspace
-except ImportError:  # run as a script, or loaded by Prefect from its file path
-    import _stage
-    import dvc_graph as dg
-    import env
-    import workspace
+import _stage  # pipeline/ is on sys.path: run as a script, or loaded by Prefect from its path
+import dvc_graph as dg
+import env
+import processes
+import workspace
 
 env.apply()  # before Prefect reads its settings
 
@@ -64,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
 FLOW_NAME = "anyorder-pipeline"
 TAIL_LINES = 40  # output lines of a failed stage quoted in the flow run's error
-PARAMS_BACKUP = Path(".anyorder/params.yaml.before-flow-run")
+PARAMS_BACKUP, PARAMS_WRITTEN = workspace.PARAMS_BACKUP, workspace.PARAMS_WRITTEN
 
 
 class StageFailed(RuntimeError):
@@ -81,49 +80,40 @@ def _stage_env() -> dict[str, str]:
     return environ
 
 
-def _dvc(root: Path, *args: str) -> subprocess.Popen:
-    """`dvc ARGS` under pipeline/supervise.py, in a process group of its own: stopping the group
-    stops dvc and the stage it runs, and if this process dies outright, supervise.py stops it."""
-    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("supervise.py")),
+def _run_dvc(root: Path, args: list[str], on_line) -> int:
+    """`dvc ARGS` under pipeline/supervise.py in a process group of its own, each output line
+    passed to `on_line`; returns the exit code. If this task is cancelled, interrupted or crashes,
+    the group (dvc and the stage it runs) is stopped before the exception goes on; if this
+    process dies outright, supervise.py stops it."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("supervise.py")),
                              sys.executable, "-m", "dvc", *args], cwd=root, env=_stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", bufsize=1, start_new_session=True)
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group of `proc` (dvc and the stage it runs), SIGKILL what is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; give the rest of the group a moment, then go on
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
+    try:
+        for line in proc.stdout:
+            on_line(line.rstrip().rsplit("\r", 1)[-1])  # progress bars: keep the last redraw
+        return proc.wait()
+    except BaseException:
+        processes.stop_group(proc.pid)
+        proc.wait()
+        raise
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(root: str, stage: str, force: bool = False) -> str:
     """`dvc repro --single-item <stage>`, its output streamed into this task's log."""
     logger = get_run_logger()
-    proc = _dvc(Path(root), "repro", "--single-item", stage, *(["--force"] if force else []))
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     started = False  # DVC deleted the outputs and ran the command (not: lock busy, dep missing)
-    try:
-        for line in proc.stdout:
-            line = line.rstrip().rsplit("\r", 1)[-1]  # progress bars: keep the last redraw
-            logger.info("%s", line)
-            tail.append(line)
-            started = started or line.startswith(f"Running stage '{stage}'")
-        returncode = proc.wait()
-    except BaseException:  # cancelled, interrupted, crashed: no orphaned dvc keeps running
-        stop_process_group(proc)
-        raise
+
+    def on_line(line: str) -> None:
+        nonlocal started
+        logger.info("%s", line)
+        tail.append(line)
+        started = started or line.startswith(f"Running stage '{stage}'")
+
+    returncode = _run_dvc(Path(root), ["repro", "--single-item", stage,
+                                       *(["--force"] if force else [])], on_line)
     if returncode:
         removed = [p for p in dg.stage_outputs(root, stage) if started and p.exists()]
         for path in removed:  # no half-written outputs (DVC leaves what a failed command wrote)
@@ -142,13 +132,14 @@ def save_experiment(root: str) -> Optional[str]:
         logger.warning("%s is not a git repository with a commit: no DVC experiment saved", root)
         return None
     name = f"{flow_run.get_name()}-{str(flow_run.get_id())[-8:]}"  # ids are time-ordered: tail
-    proc = _dvc(Path(root), "exp", "save", "--name", name, "--message",
-                f"prefect flow run {flow_run.get_id()} ({flow_run.get_name()})",
-                *[arg for path in dg.experiment_files(root) for arg in ("-I", path)])
-    output = proc.communicate()[0]
-    logger.info("%s", output.strip())
-    if proc.returncode:
-        raise RuntimeError(f"dvc exp save failed:\n{output}")
+    output: list[str] = []
+    returncode = _run_dvc(Path(root), [
+        "exp", "save", "--name", name, "--message",
+        f"prefect flow run {flow_run.get_id()} ({flow_run.get_name()})",
+        *[arg for path in dg.experiment_files(root) for arg in ("-I", path)]], output.append)
+    logger.info("%s", "\n".join(output).strip())
+    if returncode:
+        raise RuntimeError("dvc exp save failed:\n" + "\n".join(output))
     return name
 
 
@@ -199,25 +190,79 @@ def _late_scheduled_run(skip_if_late_seconds: Optional[float]) -> Optional[str]:
 
 
 def _check_dvc_idle(root: Path) -> None:
-    """WorkspaceBusy if a `dvc` command (a manual `dvc repro`) holds DVC's repo lock now."""
-    from dvc.lock import LockError, make_lock
+    """WorkspaceBusy if a `dvc` command (a `dvc repro` typed by hand) works in this workspace.
 
-    lock = make_lock(str(root / ".dvc" / "tmp" / "lock"), tmp_dir=str(root / ".dvc" / "tmp"))
+    DVC holds its repo lock for its bookkeeping and lets go of it while a stage's command runs;
+    the stage then holds DVC's read/write locks on its files (.dvc/tmp/rwlock, with its pid).
+    Between the two, a running `dvc repro` is always visible."""
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    def busy(who: str) -> workspace.WorkspaceBusy:
+        return workspace.WorkspaceBusy(f"{root}: {who} is running in this workspace (e.g. "
+                                       f"`dvc repro` typed by hand); wait for it to finish")
+
+    with Repo(str(root)) as repo:  # honours core.hardlink_lock; creates .dvc/tmp if missing
+        try:
+            repo.lock.lock()
+        except LockError:
+            raise busy("a dvc command") from None
+        repo.lock.unlock()
+        rwlock = Path(repo.tmp_dir) / "rwlock"
     try:
-        lock.lock()
-    except LockError:
-        raise workspace.WorkspaceBusy(
-            f"{root}: a dvc command (e.g. `dvc repro` typed by hand) is running in this "
-            f"workspace; wait for it to finish") from None
-    lock.unlock()
+        held = json.loads(rwlock.read_text() or "{}") if rwlock.is_file() else {}
+    except ValueError:
+        held = {}
+    infos = [info for locks in held.values() for entry in locks.values()
+             for info in (entry if isinstance(entry, list) else [entry])]
+    for info in infos:
+        if _alive(int(info.get("pid", 0))):
+            raise busy(f"`{info.get('cmd', 'dvc')}` (pid {info['pid']})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return pid > 0
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _backup_params(root: Path) -> None:
+    """Before overrides are written: the original params.yaml, to put back after the run."""
+    (root / PARAMS_BACKUP).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(root / dg.PARAMS_FILE, root / PARAMS_BACKUP)
+
+
+def _record_written_params(root: Path) -> None:
+    """After the overrides are written: what this run wrote (a killed run's leftover is put back
+    only if params.yaml still holds exactly this, never over a user's later edit)."""
+    (root / PARAMS_WRITTEN).write_text(_sha256(root / dg.PARAMS_FILE))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _restore_params(root: Path, logger, crashed: bool = False) -> None:
-    backup = root / PARAMS_BACKUP
-    if backup.is_file():
-        os.replace(backup, root / dg.PARAMS_FILE)
-        logger.warning("params.yaml restored from %s (a flow run %s)", backup,
-                       "died before putting it back" if crashed else "with overrides ended")
+    """Put the backed-up params.yaml back, unless params.yaml changed since the flow wrote it."""
+    backup, written = root / PARAMS_BACKUP, root / PARAMS_WRITTEN
+    if not backup.is_file():
+        return
+    current = root / dg.PARAMS_FILE
+    ours = not written.is_file() or written.read_text() == _sha256(current)
+    if ours:
+        os.replace(backup, current)
+        logger.warning("params.yaml restored as it was before %s", "a flow run that was killed "
+                       "before putting it back" if crashed else "this run's overrides")
+    else:
+        logger.warning("params.yaml changed after a killed flow run wrote its overrides into it; "
+                       "keeping it as it is (the pre-run version was %s, now removed)", backup)
+        backup.unlink()
+    written.unlink(missing_ok=True)
 
 
 @flow(name=FLOW_NAME)
@@ -231,26 +276,37 @@ def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, r
     if reason := _late_scheduled_run(skip_if_late_seconds):
         logger.warning("%s", reason)
         return Cancelled(message=reason)
-    overrides = dg.parse_overrides(set_params)
-    dg.validate_params(root, overrides)  # raises ConfigError naming the key; nothing ran yet
     try:
         with workspace.exclusive(root, str(flow_run.get_id() or "")):
             _check_dvc_idle(root)
-            _restore_params(root, logger, crashed=True)  # a killed earlier run left its overrides
+            _restore_params(root, logger, crashed=True)  # a killed earlier run left overrides
+            overrides = dg.parse_overrides(set_params)
+            dg.validate_params(root, overrides)  # ConfigError naming the key; nothing ran yet
             if overrides:
-                (root / PARAMS_BACKUP).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(root / dg.PARAMS_FILE, root / PARAMS_BACKUP)
+                _backup_params(root)
             try:
                 dg.apply_overrides(root, overrides)
+                if overrides:
+                    _record_written_params(root)
                 return _run_stages(root, overrides, force, retries, retry_delay_seconds, save_exp,
                                    logger)
             finally:
                 _restore_params(root, logger)
     finally:
-        if deployment.get_name():
-            if missed := skip_missed_runs(deployment.get_name()):
-                logger.info("cancelled %d scheduled run(s) that fell due while this one ran",
-                            missed)
+        _cancel_runs_missed_meanwhile(logger)
+
+
+def _cancel_runs_missed_meanwhile(logger) -> None:
+    """Scheduled runs that fell due while this one ran: cancel them, so a run triggered by hand
+    goes next. Clean-up only: a failure here is a warning, never the run's outcome."""
+    name = deployment.get_name()
+    if not name:
+        return
+    try:
+        if missed := skip_missed_runs(name):
+            logger.info("cancelled %d scheduled run(s) that fell due while this one ran", missed)
+    except Exception as exc:  # the API unreachable, the store busy: the next run tries again
+        logger.warning("could not cancel the scheduled runs missed meanwhile: %s", exc)
 
 
 def _run_stages(root: Path, overrides: dict, force: bool, retries: int,
@@ -339,8 +395,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         # SIGTERM (kill, a supervisor) unwinds like Ctrl-C: the running stage's process group is
         # stopped and params.yaml put back, instead of the process vanishing mid-stage.
         signal.signal(signal.SIGTERM, _interrupt)
-        with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
-            state = pipeline_flow(**parameters, return_state=True)
+        try:
+            with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
+                state = pipeline_flow(**parameters, return_state=True)
+        except KeyboardInterrupt as exc:
+            print(f"flow run stopped ({exc or 'Ctrl-C'}): the running stage was stopped and "
+                  f"params.yaml put back", file=sys.stderr)
+            return 143 if "SIGTERM" in str(exc) else 130
         print(f"flow run {state.name}: {state.message or ''}", file=sys.stderr)
         return 0 if state.is_completed() else 1
     if not dg.server_up(api_url):

@@ -28,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import processes  # noqa: E402
+
 # Settings of the local server. Its SQLite store allows one writer at a time, and Prefect's
 # "late runs" service, which relabels overdue scheduled runs "Late", wrote in deferred
 # transactions that failed with `database is locked` tracebacks while a flow run and a trigger
@@ -38,14 +40,6 @@ SERVER_ENV = {"PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false"}
 
 def log(message: str) -> None:
     print(f"[scheduler {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def stop(proc: subprocess.Popen | None, name: str, grace: float) -> None:
@@ -59,17 +53,9 @@ def stop(proc: subprocess.Popen | None, name: str, grace: float) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             log(f"{name} still running {grace:.0f} s after SIGINT")
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _group_alive(proc.pid):
-            break
-        log(f"sending {sig.name} to what is left of {name}'s process group")
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
-            time.sleep(0.1)
+    if left := processes.group_members(proc.pid):
+        log(f"stopping what is left of {name}'s process group: {left}")
+        processes.stop_group(proc.pid)
     log(f"{name} stopped (exit {proc.wait()})")
 
 

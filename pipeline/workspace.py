@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,9 @@ from typing import Iterator, Optional
 
 LOCK_FILE = Path(".anyorder/workspace.lock")
 OWNER_ENV = "ANYORDER_PREFECT_FLOW_RUN_ID"
+# A flow run with overrides keeps the original params.yaml here until it puts it back.
+PARAMS_BACKUP = Path(".anyorder/params.yaml.before-flow-run")
+PARAMS_WRITTEN = Path(".anyorder/params.yaml.flow-wrote.sha256")
 
 
 class WorkspaceBusy(RuntimeError):
@@ -62,13 +66,20 @@ def exclusive(root: str | Path, flow_run_id: str) -> Iterator[None]:
 
 
 def check_stage_may_run(root: str | Path, environ: Optional[dict] = None) -> None:
-    """WorkspaceBusy unless the workspace is free or held by the flow run that started us."""
+    """WorkspaceBusy unless the workspace is free or held by the flow run that started us.
+
+    In a free workspace where a killed flow run left its overrides in params.yaml, warn (on
+    stderr): the stage runs with them, and the next flow run puts the original back."""
     path = Path(root) / LOCK_FILE
     if not path.is_file():
         return
     with open(path) as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if (Path(root) / PARAMS_BACKUP).is_file():
+                print(f"warning: params.yaml holds the overrides of a flow run that was killed "
+                      f"before putting it back; the original is {PARAMS_BACKUP} (the next flow "
+                      f"run restores it, or copy it over params.yaml yourself)", file=sys.stderr)
             return  # nobody holds it
         except BlockingIOError:
             pass

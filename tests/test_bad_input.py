@@ -169,3 +169,14 @@ def test_a_stage_is_refused_while_a_flow_run_holds_the_workspace(project):
         own = stage(project, "prepare", env={workspace.OWNER_ENV: "flow-run-123"})
         assert own.returncode == 0, own.stderr
     assert stage(project, "prepare").returncode == 0  # released
+
+
+def test_a_stage_warns_about_overrides_a_killed_flow_run_left(project):
+    import workspace
+    backup = project / workspace.PARAMS_BACKUP
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    backup.write_text((project / "params.yaml").read_text())
+    (project / workspace.LOCK_FILE).touch()  # the killed run's lock file, now free
+    proc = stage(project, "prepare")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: params.yaml holds the overrides of a flow run that was killed" in proc.stderr

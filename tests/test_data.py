@@ -366,8 +366,12 @@ def test_prepare_failure_during_swap_restores_old_output(tmp_path: Path, monkeyp
     data.prepare_dataset("npz", file, 8, 0.2, 0.2, 0, out)
     before = _snapshot(out)
 
-    def fail(src, dst):
-        raise OSError("cross-device link")
+    real_replace = os.replace
+
+    def fail(src, dst):  # only the final swap of the directory fails
+        if Path(dst) == out:
+            raise OSError("cross-device link")
+        return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="cross-device"):
@@ -467,7 +471,7 @@ def test_imagefolder_unreadable_subfolder_is_named_and_nothing_written(image_fol
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path):
+def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path, monkeypatch):
     """Large photos are decoded and shrunk one at a time, never held at full size together."""
     import tracemalloc
     rng = np.random.default_rng(0)
@@ -476,6 +480,14 @@ def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path):
         for i in range(6):  # 12 photos of 1200 x 900: 3.2 MB each decoded, 39 MB together
             photo = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
             Image.fromarray(photo).save(tmp_path / "big" / name / f"{i}.jpg", quality=80)
+    decoded = []  # the size each photo is decoded at, before the final resize
+    real_transpose = data.ImageOps.exif_transpose
+
+    def record(image, *args, **kwargs):
+        decoded.append(image.size)
+        return real_transpose(image, *args, **kwargs)
+
+    monkeypatch.setattr(data.ImageOps, "exif_transpose", record)
     tracemalloc.start()
     try:
         raw = data.load_source("imagefolder", str(tmp_path / "big"), 16)
@@ -484,6 +496,8 @@ def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path):
         tracemalloc.stop()
     assert raw.images.shape == (12, 16, 16, 3)
     assert peak < 3_000_000, f"peak {peak / 1e6:.1f} MB: a full-size photo was held as an array"
+    # JPEG decoding at 1/8 scale: Pillow itself never held a full 1200 x 900 picture either.
+    assert decoded == [(150, 113)] * 12
 
 
 def test_imagefolder_single_class_rejected_by_prepare(tmp_path: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,30 +351,76 @@ def test_a_second_flow_run_in_the_same_workspace_is_refused(harness, tmp_path):
     assert task_runs(state) == {} and not (root / "data.txt").exists()
 
 
-def test_a_flow_run_is_refused_while_a_dvc_command_runs(harness, tmp_path):
+def test_a_flow_run_is_refused_while_dvc_holds_its_repo_lock(harness, tmp_path):
     from dvc.lock import make_lock
     root = make_project(tmp_path / "toy")
     lock = make_lock(str(root / ".dvc/tmp/lock"), tmp_dir=str(root / ".dvc/tmp"))
-    lock.lock()  # as `dvc repro` typed by hand holds it
+    lock.lock()  # as `dvc repro` typed by hand holds it for its bookkeeping between stages
     try:
         state = run_flow(root, set_params=["pretrain.epochs=5"])
     finally:
         lock.unlock()
-    assert state.is_failed() and "a dvc command" in state.message
+    assert state.is_failed() and "a dvc command is running in this workspace" in state.message
     assert (root / "params.yaml").read_text() == PARAMS
     assert not (root / "data.txt").exists()
 
 
-def test_overrides_left_by_a_killed_flow_run_are_put_back(harness, tmp_path):
-    root = make_project(tmp_path / "toy")
+def test_a_flow_run_is_refused_while_a_dvc_repro_runs_a_stage(harness, tmp_path):
+    """While a stage's command runs, DVC has let go of its repo lock; the stage's read/write
+    locks (with dvc's pid) still show that `dvc repro` is at work."""
+    root = make_project(tmp_path / "toy", chain=False, extra={"sleeper": {
+        "cmd": f"python sleeper.py {tmp_path / 'stage.pid'}", "deps": ["data.txt"],
+        "outs": ["slept.txt"]}})
+    manual = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "stage.pid").is_file():
+            assert manual.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        state = run_flow(root, set_params=["pretrain.epochs=5"])
+    finally:
+        os.killpg(manual.pid, signal.SIGKILL)
+        manual.wait()
+    assert state.is_failed() and "is running in this workspace" in state.message
+    assert "dvc repro" in state.message
+    assert (root / "params.yaml").read_text() == PARAMS
+
+
+def leave_overrides_of_a_killed_run(root: Path, leaked: str) -> Path:
+    """What a flow run killed with SIGKILL leaves behind: its overrides in params.yaml, the
+    original beside it, and the hash of what it wrote."""
+    import hashlib
     backup = root / pflow.PARAMS_BACKUP
     backup.parent.mkdir(parents=True, exist_ok=True)
-    backup.write_text(PARAMS)  # what a flow run killed with SIGKILL leaves behind
-    (root / "params.yaml").write_text(PARAMS.replace("epochs: 1", "epochs: 9"))
+    backup.write_text(PARAMS)
+    (root / "params.yaml").write_text(leaked)
+    (root / pflow.PARAMS_WRITTEN).write_text(hashlib.sha256(leaked.encode()).hexdigest())
+    return backup
+
+
+def test_overrides_left_by_a_killed_flow_run_are_put_back(harness, tmp_path):
+    root = make_project(tmp_path / "toy")
+    backup = leave_overrides_of_a_killed_run(root, PARAMS.replace("epochs: 1", "epochs: 9"))
+    shutil.rmtree(root / ".dvc/tmp", ignore_errors=True)  # as in a fresh clone
     state = run_flow(root)
     assert state.is_completed(), state.message
     assert (root / "params.yaml").read_text() == PARAMS and not backup.exists()
+    assert not (root / pflow.PARAMS_WRITTEN).exists()
     assert subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=root).returncode == 0
+
+
+def test_params_edited_after_a_killed_run_are_kept(harness, tmp_path):
+    """The leftover original is put back only over what the killed run wrote, never over a
+    user's later edit."""
+    root = make_project(tmp_path / "toy")
+    backup = leave_overrides_of_a_killed_run(root, PARAMS.replace("epochs: 1", "epochs: 9"))
+    edited = PARAMS.replace("epochs: 1", "epochs: 2")
+    (root / "params.yaml").write_text(edited)
+    state = run_flow(root)
+    assert state.is_completed(), state.message
+    assert (root / "params.yaml").read_text() == edited and not backup.exists()
 
 
 def _alive(pid: int) -> bool:
@@ -416,6 +463,9 @@ def test_a_killed_flow_run_leaves_no_stage_running_and_no_lock(harness, tmp_path
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and "busy" not in status.stderr, status.stderr
     if sig == signal.SIGTERM:
+        assert flow_proc.returncode == 143  # a clean stop, not a traceback
+        stderr = flow_proc.stderr.read()
+        assert "flow run stopped" in stderr and "Traceback" not in stderr, stderr
         assert (root / "params.yaml").read_text() == PARAMS
     else:  # put back by the next flow run (test_overrides_left_by_a_killed_flow_run_...)
         assert (root / pflow.PARAMS_BACKUP).read_text() == PARAMS

@@ -210,3 +210,28 @@ def test_project_root_sees_through_dvc_temporary_experiments():
     assert _stage.project_root() == ROOT
     temporary = Path("/work/proj/.dvc/tmp/exps/tmpk3j2/pipeline/_stage.py")
     assert _stage.project_root(temporary) == Path("/work/proj")
+
+
+@pytest.mark.slow
+def test_bad_input_under_dvc_repro_fails_the_stage_and_dvc_checkout_restores(clone):
+    """Under `dvc repro`, DVC removes a stage's outputs before its command runs: a refused
+    stage leaves them absent (never half-written), and `dvc checkout` brings back the last
+    good ones from DVC's cache."""
+    root, env = clone
+    # A missing data set DVC refuses itself (a missing dependency).
+    edit_params(root, lambda p: p["data"].update(path="data/missing.npz"))
+    failed = dvc(root, env, "repro", "prepare", check=False)
+    assert failed.returncode != 0 and "data/missing.npz" in failed.stderr
+    # One DVC cannot judge: images stored as floats. The stage refuses it with its message.
+    np.savez(root / "data/floats.npz", x=np.zeros((30, 8, 8), np.float32), y=np.arange(30) % 3)
+    edit_params(root, lambda p: p["data"].update(path="data/floats.npz"))
+    failed = dvc(root, env, "repro", "prepare", check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "error: data/floats.npz: x has dtype float32, expected uint8" in output
+    assert "Traceback" not in output
+    assert not (root / "data/prepared").exists()  # removed by DVC before the command ran
+    run(["git", "checkout", "params.yaml"], root, env)
+    dvc(root, env, "checkout")
+    assert (root / "data/prepared/meta.json").is_file()
+    assert changed_stages(root, env) == set()

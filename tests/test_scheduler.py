@@ -24,6 +24,15 @@ from test_flow import make_project
 pytestmark = pytest.mark.slow
 
 
+NAP = """\
+import os, sys, time
+if len(sys.argv) > 3:
+    open(sys.argv[3], "w").write(str(os.getpid()))
+time.sleep(float(sys.argv[2]))
+open(sys.argv[1], "w").write("rested")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,8 +122,21 @@ def running_server(environ):
     server.proc.wait(timeout=60)
 
 
-def test_scheduler_starts_a_server_serves_a_trigger_and_stops_cleanly(environ, tmp_path):
-    project = make_project(tmp_path / "toy")
+def trigger(config: Path, project: Path, environ: dict, *overrides: str) -> str:
+    """`make trigger` (with `-S` overrides); returns the id of the flow run it asked for."""
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline/flow.py"), "trigger", "--config",
+                           str(config), "--project-dir", str(project),
+                           *[arg for o in overrides for arg in ("-S", o)]],
+                          env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("(")[1].split(")")[0]
+
+
+def test_scheduler_starts_a_server_serves_triggers_and_stops_cleanly_mid_run(environ, tmp_path):
+    project = make_project(tmp_path / "toy", chain=False, extra={"nap": {
+        "cmd": f"python nap.py nap.txt ${{finetune.epochs}} {tmp_path / 'nap.pid'}",
+        "deps": ["data.txt"], "params": ["finetune.epochs"], "outs": ["nap.txt"]}})
+    (project / "nap.py").write_text(NAP)
     port = free_port()
     config = write_config(tmp_path / "schedule.yaml", port, "own-server")
     scheduler = Logged([sys.executable, str(ROOT / "pipeline/scheduler.py"), "--config",
@@ -123,23 +145,37 @@ def test_scheduler_starts_a_server_serves_a_trigger_and_stops_cleanly(environ, t
     scheduler.wait_for("prefect deployment run")  # serve registered the deployment
 
     # `make trigger`, with an override: runs now, and completes.
-    trigger = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline/flow.py"), "trigger", "--config", str(config),
-         "--project-dir", str(project), "-S", "pretrain.epochs=4"], env=environ,
-        capture_output=True, text=True, timeout=120)
-    assert trigger.returncode == 0, trigger.stderr
-    run_id = trigger.stdout.split("(")[1].split(")")[0]
-    run = wait_for_run(port, run_id)
+    run = wait_for_run(port, trigger(config, project, environ, "pretrain.epochs=4"))
     assert run.state.is_completed(), run.state.message
-    assert (project / "report.json").is_file()
+    assert (project / "nap.txt").is_file()
     assert "pretrain.epochs=4" in run.parameters["set_params"]
 
+    # A run whose stage sleeps for minutes, stopped by `make serve`'s Ctrl-C / SIGTERM mid-stage.
+    (tmp_path / "nap.pid").unlink()
+    trigger(config, project, environ, "finetune.epochs=300")
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "nap.pid").is_file() or not (tmp_path / "nap.pid").read_text():
+        assert time.monotonic() < deadline, scheduler.output
+        time.sleep(0.2)
+    stage_pid = int((tmp_path / "nap.pid").read_text())
     scheduler.proc.send_signal(signal.SIGTERM)
     assert scheduler.proc.wait(timeout=90) == 0, scheduler.output
     assert "server stopped" in scheduler.output and "serve stopped" in scheduler.output
     assert not dvc_graph.server_up(f"http://127.0.0.1:{port}/api")
-    assert processes_mentioning(str(config), f"--port {port}") == []
+    deadline = time.monotonic() + 30
+    while psutil_alive(stage_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not psutil_alive(stage_pid), "the stage outlived `make serve`"
+    assert processes_mentioning(str(config), f"--port {port}", str(project)) == []
     assert "database is locked" not in scheduler.output
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_scheduler_reuses_a_running_server_and_leaves_it_up(environ, running_server, tmp_path):
@@ -199,11 +235,6 @@ def test_runs_missed_while_nothing_served_are_cancelled_and_manual_ones_kept(run
     assert states[manual_id].is_scheduled()  # asked for by hand: it stays
 
 
-NAP = """\
-import sys, time
-time.sleep(float(sys.argv[2]))
-open(sys.argv[1], "w").write("rested")
-"""
 
 
 def test_a_run_triggered_while_another_runs_goes_next(environ, running_server, tmp_path):
@@ -218,15 +249,8 @@ def test_a_run_triggered_while_another_runs_goes_next(environ, running_server, t
                         str(config), "--project-dir", str(project)], environ)
     scheduler.wait_for("prefect deployment run")
 
-    def trigger() -> str:
-        proc = subprocess.run([sys.executable, str(ROOT / "pipeline/flow.py"), "trigger",
-                               "--config", str(config), "--project-dir", str(project)],
-                              env=environ, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.split("(")[1].split(")")[0]
-
     from prefect import get_client
-    first = trigger()
+    first = trigger(config, project, environ)
     scheduler.wait_for("Running stage 'nap'")
     with api(port), get_client(sync_client=True) as client:
         deployment_id = client.read_deployment_by_name(f"{pflow.FLOW_NAME}/busy").id
@@ -235,7 +259,7 @@ def test_a_run_triggered_while_another_runs_goes_next(environ, running_server, t
         client.request("POST", f"/deployments/{deployment_id}/schedule", json={
             "start_time": (now - datetime.timedelta(minutes=3)).isoformat(),
             "end_time": (now - datetime.timedelta(seconds=1)).isoformat()})
-    second = trigger()
+    second = trigger(config, project, environ)
     assert wait_for_run(port, first).state.is_completed()
     done = wait_for_run(port, second)
     assert done.state.is_completed(), done.state.message

@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
-from .files import atomic_write_json, npz_bytes
+from .files import atomic_directory, atomic_write_json, npz_bytes
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -423,26 +422,6 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 # Writing and reading the prepared dataset
 # --------------------------------------------------------------------------------------------
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move directory `new` to `target`, replacing any old `target`; on failure keep the old one."""
-    backup = target.parent / f".{target.name}.old-{os.getpid()}"
-    if backup.exists():
-        shutil.rmtree(backup)
-    had_old = target.exists()
-    # Move the old directory aside rather than deleting it first, so a failing swap can put it
-    # back. (A hard kill right between the two renames leaves it at `backup`, not lost.)
-    if had_old:
-        os.rename(target, backup)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if had_old:
-            os.rename(backup, target)
-        raise
-    if had_old:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def _check_out_dir(out_dir: Path) -> None:
     """DataError if `out_dir` exists but is not a directory this stage may replace."""
     if not out_dir.exists():
@@ -488,20 +467,11 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
         "class_counts": {name: np.bincount(raw.labels[index], minlength=num_classes).tolist()
                          for name, index in splits.items()},
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():  # left over by an earlier crashed run that had the same pid
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_directory(out_dir) as tmp:
         for name, index in splits.items():
             (tmp / f"{name}.npz").write_bytes(
                 npz_bytes({"x": images[index], "y": raw.labels[index], "index": index}))
         atomic_write_json(tmp / "meta.json", meta)
-        _replace_dir(tmp, out_dir)
-    finally:
-        # On success tmp was renamed away; on any failure this removes the partial output.
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

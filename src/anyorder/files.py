@@ -12,10 +12,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -72,6 +74,36 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: Optional[dict
         raise
 
 
+@contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Write a whole directory at once: yields an empty temporary sibling to fill; when the block
+    ends without an error, it replaces `target` (the old one is moved aside first, so a failing
+    swap puts it back); on any error it is removed and `target` stays as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    backup = target.parent / f".{target.name}.old-{os.getpid()}"
+    for leftover in (tmp, backup):  # from an earlier crashed run that had the same pid
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        tmp.mkdir()
+        yield tmp
+        had_old = target.exists()
+        if had_old:
+            os.rename(target, backup)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if had_old:
+                os.rename(backup, target)
+            raise
+        if had_old:
+            shutil.rmtree(backup, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone on success (renamed): this is for errors
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An uncompressed .npz archive (readable by np.load) whose bytes depend only on `arrays`."""
     buffer = io.BytesIO()
@@ -81,10 +113,6 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             with archive.open(info, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     return buffer.getvalue()
-
-
-def atomic_write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    atomic_write_bytes(path, npz_bytes(arrays))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

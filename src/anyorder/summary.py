@@ -5,7 +5,8 @@ from __future__ import annotations
 def summary_table(runs: dict[str, dict]) -> dict:
     """Per-run results of `evaluate_orders` (plus "variant" and "seed") -> one summary: each
     run's sequential and arbitrary-order accuracy, the first sequential run as the baseline, its
-    drop when shuffled, and every run's arbitrary mean as a fraction of its sequential accuracy."""
+    drop when shuffled, and every run's arbitrary mean as a fraction of the baseline's sequential
+    accuracy."""
     baselines = [name for name, m in runs.items() if m["variant"] == "sequential"]
     baseline = runs[baselines[0]] if baselines else None
     summary: dict = {"baseline_run": baselines[0] if baselines else None, "runs": {}}
