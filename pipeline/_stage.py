@@ -3,7 +3,7 @@ workspace lock, error exits and MLflow. Anything that computes lives in the libr
 
 A stage script reads:
 
-    stage = begin(__doc__, "evaluate", with_run=True)   # name@run for foreach stages
+    stage = begin(__doc__, "evaluate", foreach="run")   # evaluate@<run>, --run <run>
     with user_errors():
         ...checks that need no compute (bad input: exit 2, nothing written)...
     with track(stage, params) as mlflow:                 # MLflow checked before any compute
@@ -54,6 +54,8 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
 PREPARED = Path("data/prepared")
 PRETRAINED = Path("models/pretrain")
 FINETUNED = Path("models/finetune")
+SELECTED = Path("models/selected")
+EXPORTS = Path("exports")
 WEIGHTS_DIR = Path("models/weights")  # local pre-trained weights: a dependency of pretrain
 METRICS = Path("metrics")
 PLOTS = Path("plots")
@@ -76,17 +78,32 @@ def user_errors() -> Iterator[None]:
         fail(str(exc))
 
 
+def read_json(path: Path, written_by: str) -> dict:
+    """A JSON file an earlier stage wrote; exit 2 naming it (and that stage) if it is missing
+    or not JSON."""
+    import json
+    path = Path(path)
+    if not path.is_file():
+        fail(f"{path}: no such file; the {written_by} stage writes it (dvc repro runs it first)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        fail(f"{path}: not valid JSON ({exc}); run the {written_by} stage again")
+
+
 # -- what dvc.yaml declares ------------------------------------------------------------------------
 
-def _interpolate(text: str, key: Optional[str], params: dict) -> str:
-    """DVC's `${key}` (foreach) and `${dotted.param}` in a dvc.yaml string."""
+def _interpolate(text: str, key: Optional[str], item: Any, params: dict) -> str:
+    """DVC's `${key}` / `${item.field}` (foreach) and `${dotted.param}` in a dvc.yaml string."""
     def value(match: re.Match) -> str:
         name = match.group(1).strip()
         if name == "key" and key is not None:
             return key
-        node: Any = params
-        for part in name.split("."):
-            node = node[part]
+        head, _, rest = name.partition(".")
+        node: Any = item if head == "item" and item is not None else params
+        for part in (rest.split(".") if node is item else name.split(".")):
+            if part:
+                node = node[part]
         return str(node)
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
@@ -96,13 +113,19 @@ def declared(stage: str, field: str, params: dict, dvc_yaml: Path = Path("dvc.ya
     name, _, key = stage.partition("@")
     entry = yaml.safe_load(dvc_yaml.read_text())["stages"][name]
     body = entry.get("do", entry)
+    item = None
+    if "foreach" in entry and key:
+        mapping: Any = params
+        for part in entry["foreach"].strip("${} ").split("."):
+            mapping = mapping[part]
+        item = mapping[key]
     items: list[str] = []
-    for item in body.get(field, []):
-        if isinstance(item, dict):  # {params-file: [keys]}; only params.yaml is used here
-            items += [k for f, keys in item.items() if f == "params.yaml" for k in keys]
+    for element in body.get(field, []):
+        if isinstance(element, dict):  # {params-file: [keys]}; only params.yaml is used here
+            items += [k for f, keys in element.items() if f == "params.yaml" for k in keys]
         else:
-            items.append(item)
-    return [_interpolate(str(item), key or None, params) for item in items]
+            items.append(element)
+    return [_interpolate(str(element), key or None, item, params) for element in items]
 
 
 def inputs_digest(stage: "Stage") -> str:
@@ -122,22 +145,34 @@ class Stage:
     params_path: str
 
 
-def begin(description: str, name: str, with_run: bool = False) -> Stage:
-    """Parse the stage's arguments and load its settings; exit 2 on bad input (see module doc)."""
+# foreach stages: the command-line flag naming the entry, and the settings mapping it lives in.
+FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models")}
+
+
+def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
+    """Parse the stage's arguments and load its settings; exit 2 on bad input (see module doc).
+
+    foreach: for a foreach stage, the flag naming its entry ("run": --run, an entry of
+    finetune.runs; "model": --model, an entry of export.models); the stage is then name@entry.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
-    if with_run:
-        parser.add_argument("--run", required=True, help="name of a run under finetune.runs")
+    if foreach:
+        section, field_name = FOREACH[foreach]
+        parser.add_argument(f"--{foreach}", required=True,
+                            help=f"name of an entry of {section}.{field_name}")
     args = parser.parse_args()
     # If dvc (run by a Prefect task) is killed, stop too: no orphaned stage keeps computing.
     die_with_parent()
-    stage_name = f"{name}@{args.run}" if with_run else name
+    entry = getattr(args, foreach) if foreach else None
+    stage_name = f"{name}@{entry}" if foreach else name
     with user_errors():
         workspace.check_stage_may_run(Path.cwd())
         settings = load_settings(args.params)
-        if with_run and args.run not in settings.finetune.runs:
-            fail(f"finetune.runs has no run {args.run!r} (known: "
-                 f"{', '.join(settings.finetune.runs)})")
+        if foreach:
+            known = getattr(getattr(settings, section), field_name)
+            if entry not in known:
+                fail(f"{section}.{field_name} has no entry {entry!r} (known: {', '.join(known)})")
         run_id = os.environ.get("ANYORDER_PIPELINE_RUN_ID")
         if run_id is not None and not RUN_ID.fullmatch(run_id):
             fail(f"ANYORDER_PIPELINE_RUN_ID={run_id!r}: use 1-200 letters, digits and . _ : @ + - "

@@ -15,7 +15,7 @@ from anyorder.tensors import resolve_device
 
 
 def main() -> None:
-    stage = begin(__doc__, "evaluate", with_run=True)
+    stage = begin(__doc__, "evaluate", foreach="run")
     run_name, cfg = stage.args.run, stage.settings.evaluate
     with user_errors():
         device = resolve_device(cfg.device, "evaluate.device")

@@ -9,7 +9,7 @@ from anyorder.tensors import resolve_device
 
 
 def main() -> None:
-    stage = begin(__doc__, "finetune", with_run=True)
+    stage = begin(__doc__, "finetune", foreach="run")
     run_name = stage.args.run
     run, cfg = stage.settings.finetune.runs[run_name], stage.settings.finetune
     with user_errors():

@@ -56,13 +56,18 @@ TINY_PIPELINE = {
     "finetune": {"epochs": 1, "runs": {"seq": {"variant": "sequential", "seed": 0},
                                        "ls": {"variant": "ls", "seed": 0}}},
     "evaluate": {"num_orders": 3},
+    "select": {"num_orders": 3},
+    "export": {"check_orders": 3,
+               "models": {"ls_best": {"model": "models/selected/ls_best",
+                                      "metrics": "models/selected/ls_best/evaluate.json"}}},
 }
 
 
 def _merged(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        nested = isinstance(value, dict) and key != "runs"  # runs are replaced, not merged
+        # Named entries (runs, models) are replaced, not merged.
+        nested = isinstance(value, dict) and key not in ("runs", "models")
         out[key] = _merged(base.get(key) or {}, value) if nested else value
     return out
 

@@ -116,7 +116,23 @@ def test_evaluate_refuses_a_bad_device(project, edit, message):
 
 def test_an_unknown_run_is_refused(project):
     refused(stage(project, "evaluate", "--run", "nope"),
-            "finetune.runs has no run 'nope' (known: seq, ls)")
+            "finetune.runs has no entry 'nope' (known: seq, ls)")
+
+
+@pytest.mark.parametrize("name,args,edit,message", [
+    ("export", ["--model", "nope"], None, "export.models has no entry 'nope' (known: ls_best)"),
+    ("export", ["--model", "ls_best"], section("export", opset=21),
+     "export.opset: must be in 14..20"),
+    ("export", ["--model", "ls_best"], None, "models/selected/ls_best"),  # not selected yet
+    ("register", [], section("register", export="seq"),
+     "register.export: must name an entry of export.models (ls_best)"),
+    ("register", [], section("register", alias="2nd"), "register.alias: use letters"),
+    ("register", [], None, "exports/ls_best/manifest.json: no such file"),  # not exported yet
+])
+def test_export_and_register_refuse_bad_input(project, name, args, edit, message):
+    refused(stage(project, name, *args, edit=edit), message)
+    assert not (project / "exports").exists() and not (project / "metrics").exists()
+    assert mlflow_runs(project, name) == 0
 
 
 def test_missing_data_is_refused_and_the_prepared_data_kept(project):

@@ -106,6 +106,23 @@ def test_repro_writes_every_output(project):
     summary = json.loads((root / "metrics/summary.json").read_text())
     assert summary["baseline_run"] == "seq" and set(summary["runs"]) == {"seq", "ls"}
     assert not list((root / ".anyorder/state").glob("*/*"))  # finished runs leave no state
+    selection = json.loads((root / "models/selected/ls_best/selection.json").read_text())
+    assert selection["chosen"] == "ls" and selection["split"] == "val"
+    manifest = json.loads((root / "exports/ls_best/manifest.json").read_text())
+    assert manifest["depth"] == 3 and len(manifest["graphs"]["blocks"]) == 3
+    assert manifest["accuracy"]["arbitrary"] == json.loads(
+        (root / "metrics/evaluate/ls.json").read_text())["arbitrary"]
+    check = json.loads((root / "metrics/export/ls_best.json").read_text())
+    assert check["max_abs_error"] <= 1e-4
+    assert check["runtime_test_accuracy"]["max_difference_points"] <= 0.2
+    # One epoch on 16x16 digits is far below the gates: registered, alias not moved, and why.
+    registered = json.loads((root / "metrics/register.json").read_text())
+    assert registered["alias_moved"] is False and registered["failed"]
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    versions = client.search_model_versions("name='anyorder-vit'")
+    assert [v.version for v in versions] == [1] and not versions[0].aliases
+    assert versions[0].tags["anyorder.gates"].startswith("failed: ")
 
 
 @pytest.mark.slow
@@ -118,7 +135,7 @@ def test_stage_runs_are_grouped_in_mlflow(project):
                               "tags.`anyorder.pipeline_run_id` = 'test-run-1'")
     stages = {r.data.tags.get("anyorder.stage") for r in runs if r.data.tags["anyorder.role"] == "stage"}
     assert stages == {"prepare", "pretrain", "finetune@seq", "finetune@ls", "evaluate@seq",
-                      "evaluate@ls", "report"}
+                      "evaluate@ls", "report", "select", "export@ls_best", "register"}
     parents = [r for r in runs if r.data.tags["anyorder.role"] == "pipeline"]
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -152,7 +169,7 @@ def test_a_param_change_reruns_exactly_the_stages_that_read_it(clone):
     run(["git", "checkout", "params.yaml"], root, env)
     # A variant knob of one LS run touches that run only (not the baseline, not pretrain).
     edit_params(root, lambda p: p["finetune"]["runs"]["ls"].update(order_sampling="sample"))
-    assert changed_stages(root, env) == {"finetune@ls", "report"}
+    assert changed_stages(root, env) == {"finetune@ls", "report", "select"}
 
 
 @pytest.mark.slow
@@ -161,7 +178,8 @@ def test_a_library_change_reruns_the_stages_that_import_it(clone):
     with open(root / "src/anyorder/checkpoint.py", "a") as f:
         f.write("\n# one more byte\n")
     assert changed_stages(root, env) == {"pretrain", "finetune@seq", "finetune@ls",
-                                         "evaluate@seq", "evaluate@ls"}
+                                         "evaluate@seq", "evaluate@ls", "select",
+                                         "export@ls_best"}
     run(["git", "checkout", "src/anyorder/checkpoint.py"], root, env)
     with open(root / "src/anyorder/summary.py", "a") as f:
         f.write("\n# one more byte\n")
@@ -194,7 +212,9 @@ def test_replacing_the_data_reruns_prepare_and_what_follows(clone):
 def test_dvc_exp_run_with_overrides_reruns_only_the_affected_stages(clone):
     root, env = clone
     exp = dvc(root, env, "exp", "run", "-S", "evaluate.num_orders=5")
-    assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "report"}
+    # New evaluations: the selection copies one, so export and register follow.
+    assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "report", "select",
+                                           "export@ls_best", "register"}
     metrics = json.loads((root / "metrics/evaluate/ls.json").read_text())
     assert metrics["arbitrary"]["count"] == 5
     shown = json.loads(dvc(root, env, "exp", "show", "--json").stdout)

@@ -5,6 +5,7 @@ previous file intact.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from .errors import InputError
 from .files import atomic_save_tensors, atomic_write_json
 from .model import AnyOrderViT, ModelSpec, build_model
 
@@ -26,17 +28,31 @@ def save_model(model: AnyOrderViT, directory: str | Path, extra: Optional[dict] 
     atomic_write_json(directory / SPEC, {"spec": model.spec.to_dict(), **(extra or {})})
 
 
+class CheckpointError(InputError):
+    """A model directory that is missing or not one this project wrote."""
+
+
 def load_model(directory: str | Path, map_location: str | torch.device = "cpu") -> AnyOrderViT:
     """Rebuild a model from a directory written by `save_model`."""
     directory = Path(directory)
     for name in (WEIGHTS, SPEC):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name}: missing; is {directory} a model "
+            raise CheckpointError(f"{directory / name}: missing; is {directory} a model "
                                     f"directory written by this project (run its training stage)?")
     spec = ModelSpec.from_dict(json.loads((directory / SPEC).read_text())["spec"])
     model = build_model(spec)
     model.load_state_dict(load_file(directory / WEIGHTS, device=str(map_location)))
     return model
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a dict of tensors (a state dict)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\0".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_model_into(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> list[str]:

@@ -65,7 +65,7 @@ class _Section:
         value = object.__getattribute__(self, name)
         if not name.startswith("_") and name in type(self).__dataclass_fields__:
             log = object.__getattribute__(self, "__dict__").get("_log")
-            if log is not None and not isinstance(value, (_Section, _Runs)):
+            if log is not None and not isinstance(value, (_Section, _Entries)):
                 log.record(f"{object.__getattribute__(self, '_key')}.{name}")
         return value
 
@@ -74,12 +74,13 @@ class _Section:
         object.__setattr__(self, "_key", key)
         for f in dataclasses.fields(self):
             value = object.__getattribute__(self, f.name)
-            if isinstance(value, (_Section, _Runs)):
+            if isinstance(value, (_Section, _Entries)):
                 value._attach(log, f"{key}.{f.name}" if key else f.name)
 
 
-class _Runs(dict):
-    """finetune.runs: reading one run records that run; listing them records all of them."""
+class _Entries(dict):
+    """A mapping of named entries (finetune.runs, export.models): reading one entry records that
+    entry; listing them records all of them."""
 
     _log: Optional[_AccessLog] = None
     _key = ""
@@ -262,9 +263,7 @@ class FinetuneConfig(TrainConfig):
         super().check(key)
         _require(len(self.runs) >= 1, f"{key}.runs", "needs at least one run", self.runs)
         for name, run in self.runs.items():
-            _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) is not None,
-                     f"{key}.runs.{name}",
-                     "run names may hold only letters, digits, '_' and '-' (they name files)", name)
+            _check_name(name, f"{key}.runs.{name}")
             run.check(f"{key}.runs.{name}")
 
 
@@ -282,6 +281,85 @@ class EvaluateConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SelectConfig(_Section):
+    """The best run of one variant, chosen on the validation split (never the test split)."""
+    name: str = "ls_best"            # written to models/selected/<name>
+    variant: Variant = "ls"
+    num_orders: int = 20             # seeded random orders each candidate is scored over
+    order_seed: int = 4321
+    batch_size: int = 256
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        _check_name(self.name, f"{key}.name")
+        _require(self.num_orders >= 1, f"{key}.num_orders", "must be >= 1", self.num_orders)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        check_device(self.device, f"{key}.device")
+
+
+@dataclass(frozen=True)
+class ExportModel(_Section):
+    model: str = ""                  # a model directory the pipeline wrote
+    metrics: str = ""                # its evaluation (metrics/evaluate/<run>.json)
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Section):
+    # The TorchScript-based exporter writes opsets 14..20 (17 brings LayerNormalization).
+    opset: int = 17
+    check_orders: int = 10           # seeded random orders the chained graphs are checked in
+    check_seed: int = 0
+    models: dict[str, ExportModel] = field(default_factory=lambda: {
+        "sequential": ExportModel("models/finetune/sequential", "metrics/evaluate/sequential.json"),
+        "ls_best": ExportModel("models/selected/ls_best", "models/selected/ls_best/evaluate.json"),
+        "ls_pos": ExportModel("models/finetune/ls_pos", "metrics/evaluate/ls_pos.json")})
+
+    def check(self, key: str) -> None:
+        _require(14 <= self.opset <= 20, f"{key}.opset", "must be in 14..20 (what the exporter "
+                 "writes)", self.opset)
+        _require(self.check_orders >= 1, f"{key}.check_orders", "must be >= 1", self.check_orders)
+        for name, entry in self.models.items():
+            _check_name(name, f"{key}.models.{name}")
+            for field_name in ("model", "metrics"):
+                _require(bool(getattr(entry, field_name).strip()), f"{key}.models.{name}."
+                         f"{field_name}", "must name a path the pipeline writes",
+                         getattr(entry, field_name))
+
+
+@dataclass(frozen=True)
+class Gates(_Section):
+    """Quality gates: the registry alias moves only to a version that passes all of them."""
+    min_sequential_accuracy: float = 0.0
+    min_arbitrary_accuracy: float = 0.9   # mean test accuracy over the evaluated random orders
+    max_export_error: float = 1e-4        # worst |ONNX - PyTorch| of logits found by the export
+
+    def check(self, key: str) -> None:
+        for name in ("min_sequential_accuracy", "min_arbitrary_accuracy"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"{key}.{name}", "must be in [0, 1]",
+                     getattr(self, name))
+        _require(self.max_export_error > 0, f"{key}.max_export_error", "must be > 0",
+                 self.max_export_error)
+
+
+@dataclass(frozen=True)
+class RegisterConfig(_Section):
+    model_name: str = "anyorder-vit"      # the registered model in the MLflow registry
+    export: str = "ls_best"               # which entry of export.models to register
+    alias: str = "champion"               # moved to the new version only if the gates pass
+    gates: Gates = field(default_factory=Gates)
+
+    def check(self, key: str, exports: dict) -> None:
+        _require(self.export in exports, f"{key}.export", f"must name an entry of export.models "
+                 f"({', '.join(exports) or 'none'})", self.export)
+        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
+                 f"{key}.model_name", "use letters, digits, '.', '_' and '-'", self.model_name)
+        _require(re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", self.alias) is not None,
+                 f"{key}.alias", "use letters, digits, '_' and '-', starting with a letter",
+                 self.alias)
+        self.gates.check(f"{key}.gates")
+
+
+@dataclass(frozen=True)
 class MlflowConfig(_Section):
     experiment: str = "anyorder"
     # null: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` at the project root.
@@ -295,6 +373,9 @@ class Settings(_Section):
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
@@ -303,6 +384,9 @@ class Settings(_Section):
         self.pretrain.check("pretrain")
         self.finetune.check("finetune")
         self.evaluate.check("evaluate")
+        self.select.check("select")
+        self.export.check("export")
+        self.register.check("register", self.export.models)
 
     def restrict_to(self, declared: list[str], stage: str) -> "Settings":
         """From now on, reading a key outside `declared` (dotted prefixes) raises
@@ -364,6 +448,11 @@ def _apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     return raw
 
 
+def _check_name(name: str, key: str) -> None:
+    _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) is not None, key,
+             "names may hold only letters, digits, '_' and '-' (they name files)", name)
+
+
 def _require(ok: bool, key: str, what: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: {what}, got {value!r}")
@@ -400,7 +489,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__}")
-        return _Runs({str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()})
+        return _Entries({str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()})
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, key)
     if hint is int:

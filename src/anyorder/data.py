@@ -175,10 +175,14 @@ def _image_files(class_dir: Path) -> list[Path]:
     return sorted(f for f in files if f.is_file())
 
 
-def _read_image(file: Path, size: int) -> np.ndarray:
-    """One image file -> uint8 (size, size, 3), decoded and resized on its own (bilinear)."""
+def read_image(file: Path, size: int, resize: bool = True) -> np.ndarray:
+    """One image file -> uint8 (size, size, 3), decoded and resized on its own (bilinear).
+    resize=False: an image of another size is refused (DataError naming it) instead."""
     try:
         with Image.open(file) as im:
+            if not resize and im.size != (size, size):
+                raise DataError(f"{file}: {im.size[0]}x{im.size[1]} pixels, the model takes "
+                                f"{size}x{size}; resize it (the CLI's --resize does)")
             # JPEG can decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo never sits in
             # memory at full size when a 32x32 image is wanted.
             im.draft("RGB", (size, size))
@@ -187,6 +191,8 @@ def _read_image(file: Path, size: int) -> np.ndarray:
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
+    except DataError:
+        raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
             Image.DecompressionBombError) as exc:
         raise DataError(f"{file}: cannot read this image ({exc}); delete or replace the file"
@@ -220,7 +226,7 @@ def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
         labels += [index] * len(class_files)
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, file in enumerate(files):
-        images[i] = _read_image(file, size)
+        images[i] = read_image(file, size)
     return RawDataset(images=images, labels=np.asarray(labels, dtype=np.int64),
                       class_names=[d.name for d in class_dirs])
 

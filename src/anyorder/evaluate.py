@@ -74,3 +74,23 @@ def evaluate_orders(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, 
         "arbitrary_ci95_halfwidth": 1.96 * arbitrary["std"] / math.sqrt(len(per_order)),
     }
 
+
+
+def select_best(models: dict[str, AnyOrderViT], images: np.ndarray, labels: np.ndarray,
+                num_orders: int, seed: int, batch_size: int = 256,
+                device: torch.device | str = "cpu") -> tuple[str, dict]:
+    """The model with the best mean accuracy over `num_orders` seeded random orders (the same
+    orders for every model) on the data given (the validation split: a choice must never see
+    the test split). Ties go to the first name. Returns (name, {name: summary of its accuracies})."""
+    if not models:
+        raise ValueError("select_best needs at least one model")
+    depths = {model.depth for model in models.values()}
+    if len(depths) != 1:
+        raise ValueError(f"select_best compares models of one depth, got depths {sorted(depths)}")
+    orders = random_orders(depths.pop(), num_orders, seed)
+    scores = {name: summarize(accuracy_for_orders(model, images, labels, orders, batch_size,
+                                                  device))
+              for name, model in models.items()}
+    names = list(models)
+    best = max(names, key=lambda name: (scores[name]["mean"], -names.index(name)))
+    return best, scores

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .checkpoint import optimizer_state_from_tensors, optimizer_state_to_tensors, save_model
+from .checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensors, save_model,
+                         tensors_digest)
 from .config import TrainConfig
 from .data import load_split
 from .evaluate import accuracy_for_orders
@@ -248,15 +249,6 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        value = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}\0".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _fingerprint(model, cfg: TrainConfig, seed: int, train_data, extra: str,
                  order_sampling: str, position_loss_weight: float) -> str:
     """Everything a run's result depends on: the state of another run must not be resumed."""
@@ -266,7 +258,7 @@ def _fingerprint(model, cfg: TrainConfig, seed: int, train_data, extra: str,
     blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "spec": model.spec.to_dict(),
                        "order_sampling": order_sampling,
                        "position_loss_weight": position_loss_weight,
-                       "data": data.hexdigest(), "start": _tensors_digest(model.state_dict()),
+                       "data": data.hexdigest(), "start": tensors_digest(model.state_dict()),
                        "code": code_digest(), "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -278,7 +270,7 @@ def _save_state(path: Path, fingerprint, model, optimizer, scheduler, epoch: int
     tensors.update({f"optim.{k}": v for k, v in optim_tensors.items()})
     info = {"fingerprint": fingerprint, "epoch": epoch, "optimizer": optim_info,
             "scheduler": scheduler.state_dict(), "history": result.history,
-            "orders": result.orders, "tensors_sha256": _tensors_digest(tensors)}
+            "orders": result.orders, "tensors_sha256": tensors_digest(tensors)}
     atomic_save_tensors(path, tensors, metadata={"training_state": json.dumps(info, default=str)})
 
 
@@ -288,7 +280,7 @@ def _restore(path: Path, fingerprint, model, optimizer, scheduler, result: Train
         with safe_open(str(path), framework="pt") as f:
             info = json.loads(f.metadata()["training_state"])
         tensors = load_file(str(path))
-        intact = _tensors_digest(tensors) == info["tensors_sha256"]
+        intact = tensors_digest(tensors) == info["tensors_sha256"]
     except Exception as exc:  # truncated or corrupt (power loss, full disk): any error means that
         warnings.warn(f"[train] {path} is unreadable ({type(exc).__name__}: {exc}); removing it "
                       f"and starting fresh", stacklevel=2)

@@ -1,0 +1,28 @@
+"""Quality gates of the model registry: a version becomes the alias (e.g. `champion`) only if its
+export measured up. Plain Python: the numbers come from the export's manifest and check."""
+from __future__ import annotations
+
+from .config import Gates
+
+
+def check_gates(gates: Gates, manifest: dict, export_check: dict) -> dict:
+    """{"passed": bool, "gates": {name: {value, threshold, passed}}, "failed": [why, ...]}.
+
+    manifest: an export's manifest (its "accuracy": the evaluate stage's test accuracies);
+    export_check: the export stage's metrics (its "max_abs_error": worst |ONNX - PyTorch|)."""
+    accuracy = manifest.get("accuracy") or {}
+    measured = {
+        "min_sequential_accuracy": (accuracy.get("sequential"), ">="),
+        "min_arbitrary_accuracy": ((accuracy.get("arbitrary") or {}).get("mean"), ">="),
+        "max_export_error": (export_check.get("max_abs_error"), "<="),
+    }
+    results, failed = {}, []
+    for name, (value, direction) in measured.items():
+        threshold = getattr(gates, name)
+        passed = value is not None and (value >= threshold if direction == ">=" else
+                                        value <= threshold)
+        results[name] = {"value": value, "threshold": threshold, "passed": passed}
+        if not passed:
+            failed.append(f"{name}: {value} is not {direction} {threshold}" if value is not None
+                          else f"{name}: not measured")
+    return {"passed": not failed, "gates": results, "failed": failed}
