@@ -102,6 +102,16 @@ def test_a_composed_order_gives_what_the_chain_gives(source):
     assert set(composed._composed) == {(0, 1, 2, 3), (1, 0, 3, 2)}  # [3, 2] seen once: chain
 
 
+def test_orders_seen_once_are_remembered_within_a_bound(source, monkeypatch):
+    monkeypatch.setattr(runtime_module, "SEEN_ORDERS", 3)
+    runtime = BlockRuntime(source[1])
+    for order in ([1, 0], [2, 0], [3, 0], [0, 1], [1, 0]):
+        runtime.predict(images(1), order)
+    assert len(runtime._seen) == 3 and (1, 0) not in runtime._composed  # forgotten, run as chain
+    runtime.predict(images(1), [3, 0])
+    assert (3, 0) in runtime._composed  # still remembered: its second use composes it
+
+
 def test_a_composed_ls_pos_order_keeps_the_slots(tmp_path):
     from test_export import with_slots_that_matter
     model = with_slots_that_matter(tiny_model("ls_pos", depth=3)).eval()
@@ -209,6 +219,7 @@ def test_bad_orders_are_refused_before_compute(source, no_compute, order, messag
     (images(2, size=32), r"shape \(2, 32, 32, 3\), expected \(N, 16, 16, 3\)"),
     (images(2)[..., :1], r"shape \(2, 16, 16, 1\)"),
     (images(2).astype(np.float32), r"dtype float32, expected uint8"),
+    (images(0), r"an empty batch"),
 ])
 def test_bad_images_are_refused_before_compute(source, no_compute, batch, message):
     with pytest.raises(ExportError, match=message):

@@ -143,6 +143,7 @@ def session_options(threads: Optional[int] = None):
     return options
 
 
+SEEN_ORDERS = 4096  # orders remembered to spot the second use of one (the composition cue)
 PROVIDERS = {"cpu": ["CPUExecutionProvider"],
              "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -197,7 +198,7 @@ class BlockRuntime:
         self.io_binding = io_binding
         self._compose_cache = compose_cache
         self._composed: OrderedDict[tuple, object] = OrderedDict()
-        self._seen: dict[tuple, int] = {}
+        self._seen: OrderedDict[tuple, int] = OrderedDict()  # orders run once (bounded)
 
     @property
     def available(self) -> list[int]:
@@ -338,6 +339,8 @@ class BlockRuntime:
         size = int(self.manifest["image_size"])
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
             raise ExportError(f"images: shape {images.shape}, expected (N, 3, {size}, {size})")
+        if len(images) == 0:
+            raise ExportError("images: an empty batch; pass at least one image")
         if images.dtype != np.float32:
             images = images.astype(np.float32)
         if not np.isfinite(images).all():
@@ -379,8 +382,10 @@ class BlockRuntime:
         if key in self._composed:
             self._composed.move_to_end(key)
             return self._composed[key]
-        seen = self._seen.get(key, 0) + 1
+        seen = self._seen.pop(key, 0) + 1
         self._seen[key] = seen
+        if len(self._seen) > SEEN_ORDERS:  # a server fed random orders must not grow forever
+            self._seen.popitem(last=False)
         if seen < 2 and key != tuple(range(self.depth)):
             return None
         session = self._session(compose_order(self.export_dir, self.manifest, list(key))
