@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from anyorder.export import _exportable, export_model  # noqa: E402
 from anyorder.model import ModelSpec, build_model  # noqa: E402
-from anyorder.runtime import BlockRuntime, session_options  # noqa: E402
+from anyorder.runtime import PROVIDERS, BlockRuntime, session_options  # noqa: E402
 
 MODELS = {
     # The pipeline's default model (params.yaml): 32x32 inputs, patch 8, width 64, depth 8.
@@ -64,9 +64,7 @@ def whole_graph_session(model, path: Path, threads: int, provider: str):
         torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(path), dynamo=False,
                           input_names=["images"], output_names=["logits"], opset_version=17,
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else \
-        ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    return ort.InferenceSession(str(path), session_options(threads), providers=PROVIDERS[provider])
 
 
 def time_calls(fn, calls: int) -> float:

@@ -59,6 +59,8 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
+from anyorder.files import sha256_file  # noqa: E402  (src/ is on sys.path through _stage)
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
 FLOW_NAME = "anyorder-pipeline"
@@ -239,12 +241,7 @@ def _backup_params(root: Path) -> None:
 def _record_written_params(root: Path) -> None:
     """After the overrides are written: what this run wrote (a killed run's leftover is put back
     only if params.yaml still holds exactly this, never over a user's later edit)."""
-    (root / PARAMS_WRITTEN).write_text(_sha256(root / dg.PARAMS_FILE))
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    (root / PARAMS_WRITTEN).write_text(sha256_file(root / dg.PARAMS_FILE))
 
 
 def _restore_params(root: Path, logger, crashed: bool = False) -> None:
@@ -253,7 +250,7 @@ def _restore_params(root: Path, logger, crashed: bool = False) -> None:
     if not backup.is_file():
         return
     current = root / dg.PARAMS_FILE
-    ours = not written.is_file() or written.read_text() == _sha256(current)
+    ours = not written.is_file() or written.read_text() == sha256_file(current)
     if ours:
         os.replace(backup, current)
         logger.warning("params.yaml restored as it was before %s", "a flow run that was killed "

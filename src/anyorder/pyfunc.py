@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import MANIFEST, BlockRuntime, parse_indices
+from .runtime import BlockRuntime, find_export, parse_indices
 
 # name -> (MLflow param type, default); `register` turns these into the model's ParamSchema.
 PARAMS = {"order": ("string", "sequential"), "seed": ("long", 0), "policy": ("string", "skip"),
@@ -48,8 +48,4 @@ class AnyOrderModel:
 
 def _load_pyfunc(data_path):
     """MLflow's entry point: `data_path` is the logged export directory (or holds one)."""
-    path = Path(data_path)
-    if not (path / MANIFEST).is_file():
-        found = sorted(p.parent for p in path.rglob(MANIFEST))
-        path = found[0] if found else path
-    return AnyOrderModel(path)
+    return AnyOrderModel(find_export(data_path) or data_path)

@@ -20,7 +20,6 @@ on the device between blocks (I/O binding). `bench/runtime_bench.py` measures al
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -32,6 +31,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .errors import InputError
+from .files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -117,14 +117,6 @@ def read_manifest(export_dir: Union[str, Path]) -> dict:
         raise ExportError(f"{path}: format {manifest.get('format')!r}, this runtime reads format "
                           f"{FORMAT}; export the model again with this version")
     return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def session_options(threads: Optional[int] = None):
@@ -226,7 +218,7 @@ class BlockRuntime:
 
     @staticmethod
     def _check_hash(path: Path, expected: str) -> None:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise ExportError(f"{path}: sha256 {actual[:16]}... does not match the manifest's "
                               f"{expected[:16]}...; the file was changed after export and is "
@@ -452,10 +444,20 @@ def resolve_source(source: str) -> Path:
     except Exception as exc:
         raise ExportError(f"{source}: MLflow cannot resolve it ({str(exc).splitlines()[0]})"
                           f"{registry_contents(source)}") from None
-    found = sorted(p.parent for p in local.rglob(MANIFEST))
-    if not found:
+    found = find_export(local)
+    if found is None:
         raise ExportError(f"{source}: no {MANIFEST} in the model's artifacts ({local})")
-    return found[0]
+    return found
+
+
+def find_export(path: Union[str, Path]) -> Optional[Path]:
+    """`path` if it is an export directory, else the first one below it (MLflow nests the
+    logged export inside a model's artifacts); None if there is none."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(MANIFEST))
+    return found[0] if found else None
 
 
 def registry_contents(uri: str) -> str:
