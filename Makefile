@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # machine has no internet and nothing may hang on it). It is defined once, in pipeline/env.py.
 QUIET = $(PY) pipeline/env.py
 
-.PHONY: setup run test test-fast mlflow-ui serve trigger flow-run
+.PHONY: setup run study test test-fast mlflow-ui serve trigger flow-run
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml requirements.lock
 run: setup
 	ANYORDER_PIPELINE_RUN_ID=$${ANYORDER_PIPELINE_RUN_ID:-make-$$(date -u +%Y%m%dT%H%M%SZ)} \
 	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(QUIET) $(VENV)/bin/dvc repro
+
+# The nullspace study: every arm of nullspace.arms with 3 seeds on the whole test split (after
+# `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 15 min.
+study: run
+	$(QUIET) $(PY) pipeline/study.py --seeds 0 1 2
 
 # Two workers, one test file each at a time (module fixtures stay in one process); every torch
 # in the tests uses one thread, so the two never fight over the cores.

@@ -56,6 +56,8 @@ PRETRAINED = Path("models/pretrain")
 FINETUNED = Path("models/finetune")
 SELECTED = Path("models/selected")
 EXPORTS = Path("exports")
+NULLSPACE = Path("models/nullspace")
+CORRUPTED = Path("data/corrupted")
 WEIGHTS_DIR = Path("models/weights")  # local pre-trained weights: a dependency of pretrain
 METRICS = Path("metrics")
 PLOTS = Path("plots")
@@ -146,7 +148,7 @@ class Stage:
 
 
 # foreach stages: the command-line flag naming the entry, and the settings mapping it lives in.
-FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models")}
+FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models"), "arm": ("nullspace", "arms")}
 
 
 def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:

@@ -60,14 +60,22 @@ TINY_PIPELINE = {
     "export": {"check_orders": 3,
                "models": {"ls_best": {"model": "models/selected/ls_best",
                                       "metrics": "models/selected/ls_best/evaluate.json"}}},
+    "nullspace": {"epochs": 1, "synthesis": {"fraction": 1.0, "rounds": 1},
+                  "arms": {"seq_null": {"start": "models/finetune/seq", "noise": "nullspace",
+                                        "seed": 0},
+                           "ls_plain": {"start": "models/selected/ls_best", "noise": "none",
+                                        "seed": 0}}},
+    "robustness": {"corruptions": {"names": ["gaussian_noise", "fog"], "severities": [1, 5]},
+                   "attacks": {"eps": [0.0313725490196078], "pgd_steps": 2},
+                   "num_images": 16, "num_orders": 2},
 }
 
 
 def _merged(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        # Named entries (runs, models) are replaced, not merged.
-        nested = isinstance(value, dict) and key not in ("runs", "models")
+        # Named entries (runs, models, arms) are replaced, not merged.
+        nested = isinstance(value, dict) and key not in ("runs", "models", "arms")
         out[key] = _merged(base.get(key) or {}, value) if nested else value
     return out
 

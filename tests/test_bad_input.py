@@ -196,3 +196,30 @@ def test_a_stage_warns_about_overrides_a_killed_flow_run_left(project):
     proc = stage(project, "prepare")
     assert proc.returncode == 0, proc.stderr
     assert "warning: params.yaml holds the overrides of a flow run that was killed" in proc.stderr
+
+
+def synthesis(**values):
+    return lambda params: params["nullspace"]["synthesis"].update(values)
+
+
+@pytest.mark.parametrize("name,args,edit,message", [
+    ("nullspace", ["--arm", "nope"], None,
+     "nullspace.arms has no entry 'nope' (known: seq_null, ls_plain)"),
+    ("nullspace", ["--arm", "seq_null"], None,
+     "nullspace.arms.seq_null.start: models/finetune/seq holds no model"),
+    ("nullspace", ["--arm", "seq_null"], synthesis(epsilon=0.0),
+     "nullspace.synthesis.epsilon: must be > 0"),
+    ("evaluate", ["--run", "seq"], synthesis(fraction=0.001),
+     "nullspace.synthesis.fraction: 0.001 of"),
+    ("evaluate", ["--run", "seq"], None,
+     "data/corrupted/manifest.json: no such file; the corrupt stage writes it"),
+    ("corrupt", [], lambda p: p["robustness"]["corruptions"].update(names=["rain"]),
+     "robustness.corruptions.names: unknown corruption"),
+    ("corrupt", [], lambda p: p["robustness"]["attacks"].update(eps=[0.5, 8]),
+     "robustness.attacks.eps: every budget must be in (0, 1]"),
+])
+def test_robustness_stages_refuse_bad_input(project, name, args, edit, message):
+    refused(stage(project, name, *args, edit=edit), message)
+    assert not (project / "models/nullspace").exists() and not (project / "metrics").exists()
+    assert not (project / "data/corrupted").exists()
+    assert mlflow_runs(project, name) == 0

@@ -123,6 +123,27 @@ def test_repro_writes_every_output(project):
     versions = client.search_model_versions("name='anyorder-vit'")
     assert [v.version for v in versions] == [1] and not versions[0].aliases
     assert versions[0].tags["anyorder.gates"].startswith("failed: ")
+    # Robustness: every fine-tuned model and every nullspace arm, LS ones in random orders too.
+    corrupted = json.loads((root / "data/corrupted/manifest.json").read_text())
+    assert corrupted["names"] == ["gaussian_noise", "fog"] and corrupted["severities"] == [1, 5]
+    for name, modes in (("seq", ["sequential"]), ("ls", ["sequential", "random_orders"]),
+                        ("seq_null", ["sequential"]), ("ls_plain", ["sequential", "random_orders"])):
+        robust = json.loads((root / f"metrics/robustness/{name}.json").read_text())
+        assert robust["modes"] == modes and robust["num_images_attacked_and_corrupted"] == 16
+        assert set(robust["corruptions"]["per_corruption"]["fog"]) == {"1", "5"}
+        assert robust["adversarial"]["max_perturbation_beyond_eps"] <= 1e-6
+        exact = robust["nullspace"]["exact"]
+        assert exact["nullspace"]["dimension"] == 48 - 16  # 3x4x4 inputs, width 16
+        assert exact["sequential"]["predictions_changed"] == 0
+    arm = json.loads((root / "models/nullspace/seq_null/model.json").read_text())["training"]
+    assert arm["nullspace"]["noise"] == "nullspace" and arm["final"]["noise_norm"] > 0
+    table = json.loads((root / "metrics/robustness_summary.json").read_text())
+    assert table["baseline"] == "seq" and set(table["models"]) == {"seq", "ls", "seq_null",
+                                                                    "ls_plain"}
+    assert table["models"]["seq"]["sequential"]["mce_vs_baseline"] == pytest.approx(1.0)
+    assert "| ls_plain | ls | random_orders |" in (root / "metrics/robustness.md").read_text()
+    for plot in ("severity.png", "adversarial.png"):
+        assert (root / "plots/robustness" / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
@@ -135,7 +156,8 @@ def test_stage_runs_are_grouped_in_mlflow(project):
                               "tags.`anyorder.pipeline_run_id` = 'test-run-1'")
     stages = {r.data.tags.get("anyorder.stage") for r in runs if r.data.tags["anyorder.role"] == "stage"}
     assert stages == {"prepare", "pretrain", "finetune@seq", "finetune@ls", "evaluate@seq",
-                      "evaluate@ls", "report", "select", "export@ls_best", "register"}
+                      "evaluate@ls", "report", "select", "export@ls_best", "register", "corrupt",
+                      "nullspace@seq_null", "nullspace@ls_plain"}
     parents = [r for r in runs if r.data.tags["anyorder.role"] == "pipeline"]
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -179,7 +201,8 @@ def test_a_library_change_reruns_the_stages_that_import_it(clone):
         f.write("\n# one more byte\n")
     assert changed_stages(root, env) == {"pretrain", "finetune@seq", "finetune@ls",
                                          "evaluate@seq", "evaluate@ls", "select",
-                                         "export@ls_best"}
+                                         "export@ls_best", "nullspace@seq_null",
+                                         "nullspace@ls_plain"}
     run(["git", "checkout", "src/anyorder/checkpoint.py"], root, env)
     with open(root / "src/anyorder/summary.py", "a") as f:
         f.write("\n# one more byte\n")
@@ -214,7 +237,7 @@ def test_dvc_exp_run_with_overrides_reruns_only_the_affected_stages(clone):
     exp = dvc(root, env, "exp", "run", "-S", "evaluate.num_orders=5")
     # New evaluations: the selection copies one, so export and register follow.
     assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "report", "select",
-                                           "export@ls_best", "register"}
+                                           "export@ls_best", "register", "nullspace@ls_plain"}
     metrics = json.loads((root / "metrics/evaluate/ls.json").read_text())
     assert metrics["arbitrary"]["count"] == 5
     shown = json.loads(dvc(root, env, "exp", "show", "--json").stdout)

@@ -38,6 +38,11 @@ class UndeclaredParamError(RuntimeError):
 Variant = Literal["sequential", "ls", "ls_pos", "ls_pred"]
 VARIANTS: tuple[str, ...] = typing.get_args(Variant)
 LAYERSHUFFLE_VARIANTS = ("ls", "ls_pos", "ls_pred")
+# anyorder.corruptions.CORRUPTIONS, repeated here so that settings load without torch
+# (tests/test_robustness.py checks the two agree).
+CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                    "elastic_transform", "pixelate", "jpeg_compression")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -360,6 +365,120 @@ class RegisterConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SynthesisConfig(_Section):
+    """Approximate-nullspace noise synthesis (spec section 2; the published code's defaults)."""
+    lim: float = 3.0              # start: Uniform(-lim, lim) on every element of the noise
+    lr: float = 0.1               # AdamW on the noise only
+    epsilon: float = 0.01         # stop once the mean squared L2 distance of softmax outputs < it
+    rounds: int = 3               # passes over the chosen batches
+    fraction: float = 0.1         # fraction of the training batches used (at least one)
+    log_norm_weight: float = 0.0  # lambda of the optional -lambda * log||v|| term (code: 0)
+
+    def check(self, key: str) -> None:
+        for name in ("lim", "lr", "epsilon"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0", getattr(self, name))
+        _require(self.rounds >= 1, f"{key}.rounds", "must be >= 1", self.rounds)
+        _require(0 < self.fraction <= 1, f"{key}.fraction", "must be in (0, 1]", self.fraction)
+        _require(self.log_norm_weight >= 0, f"{key}.log_norm_weight", "must be >= 0",
+                 self.log_norm_weight)
+
+
+@dataclass(frozen=True)
+class NullspaceArm(_Section):
+    """One nullspace fine-tuning arm: a start model, the noise it trains against, a seed."""
+    start: str = "models/finetune/sequential"   # a model directory the pipeline writes
+    noise: Literal["nullspace", "random", "none"] = "nullspace"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class NullspaceConfig(TrainConfig):
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    arms: dict[str, NullspaceArm] = field(default_factory=lambda: {"seq_null": NullspaceArm()})
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        self.synthesis.check(f"{key}.synthesis")
+        for name, arm in self.arms.items():
+            _check_name(name, f"{key}.arms.{name}")
+            _require(bool(arm.start.strip()), f"{key}.arms.{name}.start",
+                     "must name a model directory the pipeline writes", arm.start)
+
+
+@dataclass(frozen=True)
+class CorruptionConfig(_Section):
+    names: list[str] = field(default_factory=lambda: list(CORRUPTION_NAMES))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        for name in self.names:
+            _require(name in CORRUPTION_NAMES, f"{key}.names", f"unknown corruption (known: "
+                     f"{', '.join(CORRUPTION_NAMES)})", name)
+        _require(len(set(self.names)) == len(self.names) and self.names, f"{key}.names",
+                 "must list each corruption once, at least one", self.names)
+        for severity in self.severities:
+            _require(severity in (1, 2, 3, 4, 5), f"{key}.severities", "must be in 1..5",
+                     severity)
+        _require(len(set(self.severities)) == len(self.severities) and self.severities,
+                 f"{key}.severities", "must list each severity once, at least one",
+                 self.severities)
+
+
+@dataclass(frozen=True)
+class AttackConfig(_Section):
+    names: list[str] = field(default_factory=lambda: ["fgsm", "pgd"])
+    # L-infinity budgets on pixels in [0, 1]: 1/255, 2/255, 4/255, 8/255
+    eps: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    pgd_steps: int = 10
+    pgd_step_size: float = 2.5    # PGD's step = this x eps / pgd_steps (Madry et al.)
+    pgd_random_start: bool = True
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        for name in self.names:
+            _require(name in ("fgsm", "pgd"), f"{key}.names", "unknown attack (known: fgsm, pgd)",
+                     name)
+        _require(bool(self.names), f"{key}.names", "must list at least one attack", self.names)
+        for eps in self.eps:
+            _require(0 < eps <= 1, f"{key}.eps", "every budget must be in (0, 1] (pixels are in "
+                     "[0, 1]: 8/255 = 0.0314)", eps)
+        _require(bool(self.eps), f"{key}.eps", "must list at least one budget", self.eps)
+        _require(self.pgd_steps >= 1, f"{key}.pgd_steps", "must be >= 1", self.pgd_steps)
+        _require(self.pgd_step_size > 0, f"{key}.pgd_step_size", "must be > 0",
+                 self.pgd_step_size)
+
+
+@dataclass(frozen=True)
+class RobustnessConfig(_Section):
+    """Robustness of every model the pipeline trains (evaluate@<run> and nullspace@<arm>)."""
+    corruptions: CorruptionConfig = field(default_factory=CorruptionConfig)
+    attacks: AttackConfig = field(default_factory=AttackConfig)
+    # Corruptions and attacks run on this many test images (a seeded subset; null = all of them).
+    num_images: Optional[int] = None
+    subset_seed: int = 0
+    num_orders: int = 8              # LS models: random orders, each test image runs in one
+    order_seed: int = 777
+    noise_seed: int = 0              # exact nullspace noise and the synthesised noise
+    exact_rtol: Optional[float] = None  # rank tolerance factor (null: max(D, C*P*P) * eps)
+    batch_size: int = 256
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        self.corruptions.check(f"{key}.corruptions")
+        self.attacks.check(f"{key}.attacks")
+        if self.num_images is not None:
+            _require(self.num_images >= 1, f"{key}.num_images", "must be >= 1 or null",
+                     self.num_images)
+        _require(self.num_orders >= 1, f"{key}.num_orders", "must be >= 1", self.num_orders)
+        if self.exact_rtol is not None:
+            _require(0 < self.exact_rtol < 1, f"{key}.exact_rtol", "must be in (0, 1) or null",
+                     self.exact_rtol)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        check_device(self.device, f"{key}.device")
+
+
+@dataclass(frozen=True)
 class MlflowConfig(_Section):
     experiment: str = "anyorder"
     # null: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` at the project root.
@@ -376,6 +495,8 @@ class Settings(_Section):
     select: SelectConfig = field(default_factory=SelectConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
@@ -387,6 +508,8 @@ class Settings(_Section):
         self.select.check("select")
         self.export.check("export")
         self.register.check("register", self.export.models)
+        self.nullspace.check("nullspace")
+        self.robustness.check("robustness")
 
     def restrict_to(self, declared: list[str], stage: str) -> "Settings":
         """From now on, reading a key outside `declared` (dotted prefixes) raises
@@ -485,6 +608,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
         return value
     if origin is dict:
         if not isinstance(value, dict):

@@ -169,6 +169,10 @@ class AnyOrderViT(nn.Module):
         """
         tokens = self.embed_patches(images)
         if patch_noise is not None:
+            if patch_noise.dim() not in (2, 3) or patch_noise.shape[-2:] != tokens.shape[-2:]:
+                raise ValueError(f"patch_noise of shape {tuple(patch_noise.shape)} does not fit "
+                                 f"the patch tokens {tuple(tokens.shape[-2:])} of this model; "
+                                 f"give (num_patches, D) or (N, num_patches, D)")
             tokens = tokens + patch_noise
         tokens = self.vit._pos_embed(tokens)
         tokens = self.vit.patch_drop(tokens)

@@ -12,7 +12,9 @@ import torch
 
 # Independent random streams within one epoch. STREAM_GLOBAL seeds torch's global generator at
 # the start of each epoch, for what timm draws from it (stochastic depth, dropout).
+# STREAM_NOISE: nullspace noise synthesis at the start of an epoch (batches, start, orders).
 STREAM_BATCHES, STREAM_ORDERS, STREAM_AUGMENT, STREAM_VALIDATION, STREAM_GLOBAL = 0, 1, 2, 3, 4
+STREAM_NOISE = 5
 
 
 def generator_for(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generator:

@@ -33,8 +33,8 @@ from .data import load_split
 from .evaluate import accuracy_for_orders
 from .files import atomic_save_tensors, atomic_write_json
 from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, epoch_orders, generator_for,
-                     random_orders)
+from .orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, STREAM_NOISE, epoch_orders,
+                     generator_for, random_orders)
 from .tensors import random_shift, resolve_device, to_model_input
 
 STATE_FILE = "state.safetensors"
@@ -83,13 +83,20 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 state_dir: Optional[str | Path] = None, fingerprint_extra: str = "",
                 on_epoch_end: Optional[Callable[[int, dict, float], None]] = None,
                 progress: bool = True, order_sampling: str = "batch",
-                position_loss_weight: float = 1.0) -> TrainResult:
+                position_loss_weight: float = 1.0,
+                epoch_noise: Optional[Callable[[AnyOrderViT, torch.Generator], tuple]] = None
+                ) -> TrainResult:
     """Train `model` in place on uint8 images; return the per-epoch history.
 
     Sequential variants train in order 0..L-1; LayerShuffle variants in a random order per batch
     (or per sample: `order_sampling="sample"`); LS-pred adds `position_loss_weight` x the slot
     cross-entropy. `on_epoch_end(epoch, record, seconds)` runs after the epoch's state is saved
     (logging, tests that kill the process). Raises TrainingDiverged on a NaN/inf loss.
+
+    `epoch_noise(model, generator)` (nullspace fine-tuning, `anyorder.nullspace.epoch_noise`):
+    called at the start of every epoch with the current weights; it returns patch-token noise and
+    a record for the history, and the loss becomes CE(clean) + CE(noise added to the patch
+    tokens), every image, in the same block order.
     """
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -100,7 +107,7 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     shuffle = SHUFFLED_TRAINING[model.variant]
     per_sample = order_sampling == "sample"
     fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra,
-                               order_sampling, position_loss_weight)
+                               order_sampling, position_loss_weight, epoch_noise is not None)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -126,7 +133,11 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
         augment_gen = generator_for(seed, epoch, STREAM_AUGMENT)
         orders = epoch_orders(seed, epoch, len(images), cfg.batch_size, model.depth, shuffle,
                               per_sample)
-        totals = {"loss": 0.0, "position_loss": 0.0, "correct": 0, "seen": 0}
+        totals = {"loss": 0.0, "position_loss": 0.0, "noisy_loss": 0.0, "correct": 0, "seen": 0}
+        noise, noise_record = None, {}
+        if epoch_noise is not None:
+            noise, noise_record = epoch_noise(model, generator_for(seed, epoch, STREAM_NOISE))
+            noise = noise.to(device)
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         # timm draws stochastic depth (and any dropout) from torch's global generator: seed it
         # per epoch, inside a fork so the caller's global random state is left as it was.
@@ -151,6 +162,12 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                         position_loss = F.cross_entropy(out.position_logits.flatten(0, 1).float(),
                                                         out.position_targets.flatten())
                     total = loss + position_loss_weight * position_loss
+                    noisy_loss = torch.zeros((), device=device)
+                    if noise is not None:
+                        noisy = model.forward_detailed(batch, order, patch_noise=noise).logits
+                        noisy_loss = F.cross_entropy(noisy.float(), targets,
+                                                     label_smoothing=cfg.label_smoothing)
+                        total = total + noisy_loss
                 if not torch.isfinite(total):
                     raise TrainingDiverged(
                         f"the training loss became {total.item()} at epoch {epoch + 1}, step "
@@ -164,6 +181,7 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 scheduler.step()
                 totals["loss"] += loss.item() * len(index)
                 totals["position_loss"] += position_loss.item() * len(index)
+                totals["noisy_loss"] += noisy_loss.item() * len(index)
                 totals["correct"] += (out.logits.argmax(1) == targets).sum().item()
                 totals["seen"] += len(index)
                 if bar is not None:
@@ -181,6 +199,9 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
         }
         if model.variant == "ls_pred":
             record["train_position_loss"] = totals["position_loss"] / totals["seen"]
+        if epoch_noise is not None:
+            record["train_noisy_loss"] = totals["noisy_loss"] / totals["seen"]
+            record.update(noise_record)
         result.history.append(record)
         seconds = time.perf_counter() - epoch_started
         result.epoch_seconds.append(seconds)
@@ -201,19 +222,22 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
                    out_dir: str | Path, state_dir: Optional[str | Path] = None,
                    order_sampling: str = "batch", position_loss_weight: float = 1.0,
                    fingerprint_extra: str = "",
-                   on_epoch_end: Optional[Callable[[int, dict, float], None]] = None
-                   ) -> TrainResult:
+                   on_epoch_end: Optional[Callable[[int, dict, float], None]] = None,
+                   epoch_noise: Optional[Callable[[AnyOrderViT, torch.Generator], tuple]] = None,
+                   info: Optional[dict] = None) -> TrainResult:
     """Train on a prepared data set (train split; val for the per-epoch check), then write
     `out_dir`: the model (`model.safetensors` + `model.json` with the spec and the training
     settings) and `train_orders.json` (the orders used, or how to regenerate per-sample ones).
     Everything written depends only on the inputs (no timings), and the resume state is removed
-    once the model is saved."""
+    once the model is saved. `info` is recorded under "training" in model.json."""
     train_data, val_data = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     result = train_model(model, train_data, val_data, cfg, seed, state_dir=state_dir,
                          fingerprint_extra=fingerprint_extra, on_epoch_end=on_epoch_end,
-                         order_sampling=order_sampling, position_loss_weight=position_loss_weight)
+                         order_sampling=order_sampling, position_loss_weight=position_loss_weight,
+                         epoch_noise=epoch_noise)
     training = {"config": asdict(cfg), "seed": seed, "order_sampling": order_sampling,
-                "position_loss_weight": position_loss_weight, "final": result.history[-1]}
+                "position_loss_weight": position_loss_weight, **(info or {}),
+                "final": result.history[-1]}
     save_model(model, out_dir, {"training": training})
     recipe = {"seed": seed, "order_sampling": order_sampling,
               "shuffled": SHUFFLED_TRAINING[model.variant], "epochs": cfg.epochs,
@@ -250,14 +274,14 @@ def code_digest() -> str:
 
 
 def _fingerprint(model, cfg: TrainConfig, seed: int, train_data, extra: str,
-                 order_sampling: str, position_loss_weight: float) -> str:
+                 order_sampling: str, position_loss_weight: float, noisy: bool = False) -> str:
     """Everything a run's result depends on: the state of another run must not be resumed."""
     data = hashlib.sha256()
     for array in train_data:
         data.update(np.ascontiguousarray(array).tobytes())
     blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "spec": model.spec.to_dict(),
                        "order_sampling": order_sampling,
-                       "position_loss_weight": position_loss_weight,
+                       "position_loss_weight": position_loss_weight, "noisy": noisy,
                        "data": data.hexdigest(), "start": tensors_digest(model.state_dict()),
                        "code": code_digest(), "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

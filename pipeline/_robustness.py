@@ -1,0 +1,78 @@
+"""What evaluate@<run> and nullspace@<arm> share: the robustness evaluation of one model, written
+to metrics/robustness/<name>.json. Kept out of _stage.py so that stages that evaluate no
+robustness do not depend on that code."""
+from __future__ import annotations
+
+import numpy as np
+
+from _stage import CORRUPTED, METRICS, PREPARED, fail, read_json
+
+from anyorder.data import load_split
+from anyorder.files import atomic_write_json
+from anyorder.nullspace import SynthesisSettings, synthesis_batches
+from anyorder.robustness import accuracy, evaluate_robustness, order_groups
+
+
+def synthesis_settings(settings) -> SynthesisSettings:
+    """nullspace.synthesis (and the batch size it draws batches of) as library settings."""
+    s = settings.nullspace.synthesis
+    return SynthesisSettings(lim=s.lim, lr=s.lr, epsilon=s.epsilon, rounds=s.rounds,
+                             fraction=s.fraction, log_norm_weight=s.log_norm_weight,
+                             batch_size=settings.nullspace.batch_size)
+
+
+def check_synthesis(settings) -> SynthesisSettings:
+    """Synthesis settings that select at least one training batch (else ValueError naming the
+    key): call inside user_errors(), before any compute."""
+    synthesis = synthesis_settings(settings)
+    synthesis_batches(len(load_split(PREPARED, "train")[1]), synthesis)
+    return synthesis
+
+
+def load_corrupted(settings) -> dict[str, np.ndarray]:
+    """The corrupted test sets the corrupt stage wrote, checked against the settings."""
+    cfg = settings.robustness.corruptions
+    manifest = read_json(CORRUPTED / "manifest.json", "corrupt")
+    if manifest.get("severities") != list(cfg.severities) or not set(cfg.names) <= set(
+            manifest.get("names", [])):
+        fail(f"{CORRUPTED} holds {manifest.get('names')} at severities "
+             f"{manifest.get('severities')}, not what robustness.corruptions asks for; run the "
+             f"corrupt stage again (dvc repro corrupt)")
+    out = {}
+    for name in cfg.names:
+        with np.load(CORRUPTED / f"{name}.npz", allow_pickle=False) as archive:
+            out[name] = archive["x"]
+    return out
+
+
+def evaluate_and_write(settings, model, name: str, device, mlflow, start=None) -> dict:
+    """Robustness of `model` on the test split, to metrics/robustness/<name>.json and MLflow;
+    with `start` (the model a fine-tune began from), also its clean accuracy in the same modes."""
+    images, labels = load_split(PREPARED, "test")
+    train_images, _ = load_split(PREPARED, "train")
+    corrupted = load_corrupted(settings)
+    cfg = settings.robustness
+    result = evaluate_robustness(model, images, labels, corrupted, train_images, cfg,
+                                 synthesis_settings(settings), device)
+    metrics = {"model": name, **result}
+    if start is not None:
+        modes = order_groups(start, len(labels), cfg.num_orders, cfg.order_seed)
+        metrics["start_clean_accuracy"] = {
+            mode: accuracy(start, images, labels, groups, cfg.batch_size, device)
+            for mode, groups in modes.items()}
+    path = METRICS / "robustness" / f"{name}.json"
+    atomic_write_json(path, metrics)
+    for mode in result["modes"]:
+        mlflow.log_metrics({
+            f"robust.{mode}.clean": result["clean_accuracy"][mode],
+            f"robust.{mode}.mean_corruption_accuracy":
+                result["corruptions"]["mean_corruption_accuracy"][mode],
+            **{f"robust.{mode}.{attack}_{eps.replace('/', '_')}": by_mode[mode]
+               for attack, table in result["adversarial"]["accuracy"].items()
+               for eps, by_mode in table.items()}})
+    mlflow.log_artifact(str(path))
+    adversarial = result["adversarial"]
+    if adversarial["pgd_above_fgsm"]:
+        print(f"warning: {name}: PGD scores above FGSM at {adversarial['pgd_above_fgsm']}: a sign "
+              f"of gradient masking or a too-weak PGD (raise robustness.attacks.pgd_steps)")
+    return metrics

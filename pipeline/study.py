@@ -1,0 +1,160 @@
+"""The nullspace study (`make study`): every nullspace arm of params.yaml with several seeds.
+
+The default pipeline runs each arm with one seed and attacks/corrupts a subset of the test split
+(robustness.num_images) to fit its 15-minute budget. This runs each arm's start model and noise
+kind with every seed given, on the whole test split, and writes metrics/study/nullspace.json and
+metrics/study/nullspace.md: per arm mean +- std over the seeds, and the paired differences
+nullspace - plain and nullspace - random. It reads what `make run` wrote (data/prepared,
+data/corrupted, the start models) and decides nothing on the test split: every arm trains for
+nullspace.epochs and its last epoch is the model (validation accuracy is recorded, not used).
+
+    python pipeline/study.py --seeds 0 1 2        # make study
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import env
+
+env.apply()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from anyorder.checkpoint import load_model  # noqa: E402
+from anyorder.config import load_settings  # noqa: E402
+from anyorder.corruptions import CORRUPTIONS  # noqa: E402
+from anyorder.data import load_split  # noqa: E402
+from anyorder.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from anyorder.nullspace import SynthesisSettings, epoch_noise  # noqa: E402
+from anyorder.robustness import evaluate_robustness  # noqa: E402
+from anyorder.summary import robustness_table  # noqa: E402
+from anyorder.tensors import resolve_device  # noqa: E402
+from anyorder.train import train_model  # noqa: E402
+
+PREPARED, CORRUPTED, OUT = Path("data/prepared"), Path("data/corrupted"), Path("metrics/study")
+HEADLINE = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255", "fgsm@2/255",
+            "fgsm@4/255", "fgsm@8/255", "pgd@1/255", "pgd@2/255", "pgd@4/255", "pgd@8/255",
+            "synthesised_noise_accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.params)
+    cfg, robust = settings.nullspace, replace(settings.robustness, num_images=None)
+    device = resolve_device(cfg.device, "nullspace.device")
+    starts = sorted({arm.start for arm in cfg.arms.values()})
+    missing = [p for p in [PREPARED / "test.npz", CORRUPTED / "manifest.json"] +
+               [Path(s) / "model.json" for s in starts] if not p.is_file()]
+    if missing:
+        sys.exit(f"error: {', '.join(map(str, missing))} missing: run `make run` first")
+    test, train, val = (load_split(PREPARED, s) for s in ("test", "train", "val"))
+    corrupted = {}
+    for name in robust.corruptions.names:
+        with np.load(CORRUPTED / f"{name}.npz", allow_pickle=False) as archive:
+            corrupted[name] = archive["x"]
+    s = cfg.synthesis
+    synthesis = SynthesisSettings(s.lim, s.lr, s.epsilon, s.rounds, s.fraction, s.log_norm_weight,
+                                  cfg.batch_size)
+    results: dict[str, dict] = {}
+    started = time.perf_counter()
+
+    def evaluate(name: str, model) -> None:
+        results[name] = evaluate_robustness(model, *test, corrupted, train[0], robust, synthesis,
+                                            device)
+        print(f"[study] {name}: {time.perf_counter() - started:.0f}s", flush=True)
+
+    for start in starts:
+        evaluate(f"start:{start}", load_model(start))
+    for arm_name, arm in cfg.arms.items():
+        for seed in args.seeds:
+            model = load_model(arm.start)
+            history = train_model(model, train, val, cfg.training(), seed, progress=False,
+                                  epoch_noise=epoch_noise(arm.noise, synthesis, train[0], seed,
+                                                          device)).history
+            evaluate(f"{arm_name}:seed{seed}", model)
+            results[f"{arm_name}:seed{seed}"]["val_accuracy"] = history[-1][
+                "val_accuracy_sequential"]
+    baseline = next(f"start:{a.start}" for a in cfg.arms.values() if "sequential" in a.start)
+    table = robustness_table(results, baseline)["models"]
+    summary = {"seeds": args.seeds, "num_test_images": int(len(test[1])), "baseline": baseline,
+               "corruptions": list(robust.corruptions.names) == list(CORRUPTIONS),
+               "arms": {}, "differences": {}, "runs": table}
+    for arm_name, arm in cfg.arms.items():
+        rows = [table[f"{arm_name}:seed{seed}"] for seed in args.seeds]
+        summary["arms"][arm_name] = {mode: {k: _stats([r[mode][k] for r in rows]) for k in HEADLINE}
+                                     for mode in rows[0] if mode != "variant"}
+        summary["arms"][arm_name]["start"] = arm.start
+        summary["arms"][arm_name]["noise"] = arm.noise
+    for arm_name, arm in cfg.arms.items():  # arbitrary-order accuracy kept by fine-tuning
+        start_clean = results[f"start:{arm.start}"]["clean_accuracy"]
+        if "random_orders" in start_clean:
+            summary["arms"][arm_name]["random_orders_accuracy_kept"] = _stats([
+                results[f"{arm_name}:seed{seed}"]["clean_accuracy"]["random_orders"]
+                / start_clean["random_orders"] for seed in args.seeds])
+    for arm_name, arm in cfg.arms.items():
+        if arm.noise != "nullspace":
+            continue
+        for other_name, other in cfg.arms.items():
+            if other.start == arm.start and other.noise != "nullspace":
+                diff = {}
+                for mode in summary["arms"][arm_name]:
+                    if mode in ("start", "noise", "random_orders_accuracy_kept"):
+                        continue
+                    diff[mode] = {k: _stats([table[f"{arm_name}:seed{seed}"][mode][k]
+                                             - table[f"{other_name}:seed{seed}"][mode][k]
+                                             for seed in args.seeds]) for k in HEADLINE}
+                summary["differences"][f"{arm_name} - {other_name}"] = diff
+    OUT.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(OUT / "nullspace.json", summary)
+    atomic_write_bytes(OUT / "nullspace.md", markdown(summary).encode())
+    print(markdown(summary))
+    print(f"[study] took {time.perf_counter() - started:.0f}s")
+
+
+def _stats(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1
+            else 0.0, "values": [float(v) for v in array]}
+
+
+def markdown(summary: dict) -> str:
+    columns = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@2/255", "fgsm@8/255",
+               "pgd@2/255", "pgd@8/255"]
+    lines = [f"Seeds {summary['seeds']}, all {summary['num_test_images']} test images; "
+             f"mean +- std over seeds (accuracy in %, mCE relative to {summary['baseline']}).", "",
+             "| arm | mode | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+
+    def cell(stat: dict, key: str) -> str:
+        scale = 1 if key.startswith("mce") else 100
+        return f"{stat['mean'] * scale:.2f} +- {stat['std'] * scale:.2f}"
+
+    for section in ("arms", "differences"):
+        for name, by_mode in summary[section].items():
+            for mode, row in by_mode.items():
+                if mode in ("start", "noise", "random_orders_accuracy_kept"):
+                    continue
+                lines.append(f"| {name} | {mode} | " + " | ".join(cell(row[c], c)
+                                                                for c in columns) + " |")
+    kept = {name: arm["random_orders_accuracy_kept"] for name, arm in summary["arms"].items()
+            if "random_orders_accuracy_kept" in arm}
+    if kept:
+        lines += ["", "Accuracy in random orders kept from the start model (arm / start): " + ", ".join(
+            f"{name} {k['mean'] * 100:.1f}% +- {k['std'] * 100:.1f}" for name, k in kept.items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

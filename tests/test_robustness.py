@@ -1,0 +1,246 @@
+"""Nullspace noise, nullspace fine-tuning, corruptions and attacks on tiny models (seconds)."""
+import numpy as np
+import pytest
+import torch
+
+from anyorder.attacks import PixelModel, attack, fgsm, pgd
+from anyorder.config import CORRUPTION_NAMES, ConfigError, settings_from_dict
+from anyorder.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from anyorder.nullspace import (SynthesisSettings, epoch_noise, exact_noise_like, exact_nullspace,
+                                invariance, patch_embedding_matrix, synthesize_noise)
+from anyorder.robustness import batches, order_groups, evaluation_subset
+from anyorder.tensors import to_model_input
+from anyorder.train import train_model
+from anyorder.config import TrainConfig
+
+from conftest import tiny_model
+
+
+def _images(n=12, size=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+# -- exact nullspace -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["sequential", "ls_pos"])
+def test_exact_nullspace_noise_as_large_as_the_image_leaves_the_logits_unchanged(variant):
+    model = tiny_model(variant).eval()
+    basis = exact_nullspace(model)
+    weight = patch_embedding_matrix(model)
+    rank = int(torch.linalg.matrix_rank(weight.double()))
+    assert basis.dimension == 3 * 4 * 4 - rank == 48 - 32
+    assert torch.allclose(weight.double() @ basis.basis,
+                          torch.zeros(32, basis.dimension, dtype=torch.float64),
+                          atol=1e-6)
+    images = to_model_input(_images(), model.spec)
+    noise = exact_noise_like(images, basis, 4, torch.Generator().manual_seed(0))
+    # As large as the image, per image, and not trivially small anywhere.
+    assert torch.allclose(noise.flatten(1).norm(dim=1), images.flatten(1).norm(dim=1), rtol=1e-4)
+    with torch.no_grad():
+        clean, noisy = model(images), model(images + noise)
+        change = (noisy - clean).norm(dim=1) / clean.norm(dim=1)
+        plain = model(images + torch.randn_like(images) * images.std())
+    assert change.max() < 1e-4
+    assert (noisy.argmax(1) == clean.argmax(1)).all()
+    # The same amount of ordinary noise does change the logits: the check can fail.
+    assert ((plain - clean).norm(dim=1) / clean.norm(dim=1)).min() > 1e-2
+
+
+def test_without_a_nullspace_the_dimension_is_zero():
+    model = tiny_model(patch_size=2, embed_dim=32)  # 3*2*2 = 12 <= 32
+    basis = exact_nullspace(model)
+    assert basis.dimension == 0 and basis.rank == 12
+    images = to_model_input(_images(2), model.spec)
+    assert not exact_noise_like(images, basis, 2, torch.Generator()).any()
+
+
+# -- approximate nullspace -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["sequential", "ls"])
+def test_synthesis_changes_no_weight_and_reports_what_it_did(variant):
+    model = tiny_model(variant).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    settings = SynthesisSettings(epsilon=1e-6, rounds=2, fraction=1.0, batch_size=4)
+    result = synthesize_noise(model, _images(8), settings, torch.Generator().manual_seed(0))
+    assert result.noise.shape == (16, 32) and not result.noise.requires_grad
+    assert result.steps == 2 * 2 and not result.converged  # epsilon out of reach: full budget
+    assert result.norm != pytest.approx(result.start_norm)  # the noise itself was optimised
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+
+
+def test_synthesis_stops_as_soon_as_the_outputs_barely_move():
+    model = tiny_model()
+    settings = SynthesisSettings(lim=1e-4, epsilon=0.01, fraction=1.0, batch_size=4)
+    result = synthesize_noise(model, _images(8), settings, torch.Generator().manual_seed(0))
+    assert result.converged and result.steps == 0 and result.distance < 0.01
+
+
+def test_synthesised_noise_moves_the_outputs_less_than_random_noise_of_its_norm():
+    model = tiny_model().eval()
+    images = _images(16)
+    settings = SynthesisSettings(lim=3.0, lr=0.1, epsilon=1e-9, rounds=30, fraction=1.0,
+                                 batch_size=16)
+    result = synthesize_noise(model, images, settings, torch.Generator().manual_seed(0))
+    random = epoch_noise("random", settings, images, 0)
+    _, record = random(model, torch.Generator().manual_seed(0))
+    assert record["noise_norm"] > 0
+    control = torch.rand(16, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    control = control * result.noise.norm() / control.norm()
+    every = list(batches([(np.arange(16), None)], 16))
+    ours = invariance(model, images, np.zeros(16, dtype=np.int64),
+                      lambda b: {"patch_noise": result.noise}, every)
+    theirs = invariance(model, images, np.zeros(16, dtype=np.int64),
+                        lambda b: {"patch_noise": control}, every)
+    assert ours["relative_logit_change_mean"] < theirs["relative_logit_change_mean"]
+
+
+def test_a_noise_that_does_not_fit_the_model_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="does not fit the patch tokens"):
+        model(to_model_input(_images(2), model.spec), patch_noise=torch.zeros(9, 32))
+
+
+def test_nullspace_fine_tuning_trains_on_clean_and_noisy_images(digits16):
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3, schedule="constant")
+    train = (digits16["train"][0][:128], digits16["train"][1][:128])
+    settings = SynthesisSettings(fraction=1.0, rounds=1, batch_size=64)
+    results = {}
+    for kind in ("nullspace", "none"):
+        model = tiny_model("ls", seed=0)
+        noise = epoch_noise(kind, settings, train[0], 0)
+        history = train_model(model, train, digits16["val"], cfg, seed=0, progress=False,
+                              epoch_noise=noise).history
+        results[kind] = (model.state_dict(), history[-1])
+    assert results["nullspace"][1]["noise_norm"] > 0 and "noise_converged" in results["nullspace"][1]
+    assert results["nullspace"][1]["train_noisy_loss"] > 0
+    assert "noise_norm" not in results["none"][1]
+    weights = results["nullspace"][0]["vit.head.weight"], results["none"][0]["vit.head.weight"]
+    assert not torch.equal(*weights)  # the noisy term changed the training
+
+
+# -- attacks ---------------------------------------------------------------------------------------
+
+def _confident_tiny_model_and_data():
+    model = tiny_model().eval()
+    pixels = torch.as_tensor(_images(32)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        labels = PixelModel(model)(pixels).argmax(1)  # 100% clean accuracy by construction
+    return model, pixels, labels
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd"])
+def test_attacks_lower_accuracy_and_keep_every_pixel_within_eps(name):
+    model, pixels, labels = _confident_tiny_model_and_data()
+    wrapped = PixelModel(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eps = 8 / 255
+    adv = attack(name, wrapped, pixels, labels, eps, steps=5,
+                 generator=torch.Generator().manual_seed(0))
+    assert (adv - pixels).abs().max() <= eps + 1e-6
+    assert adv.min() >= 0 and adv.max() <= 1
+    with torch.no_grad():
+        assert (wrapped(adv).argmax(1) == labels).float().mean() < 0.9
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_fgsm_is_one_signed_gradient_step_and_pgd_with_one_step_equals_it():
+    model, pixels, labels = _confident_tiny_model_and_data()
+    wrapped = PixelModel(model)
+    x = pixels.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(wrapped(x), labels, reduction="sum").backward()
+    by_hand = (pixels + 4 / 255 * x.grad.sign()).clamp(0, 1)
+    assert torch.equal(fgsm(wrapped, pixels, labels, 4 / 255), by_hand)
+    one_step = pgd(wrapped, pixels, labels, 4 / 255, steps=1, step_size=4 / 255,
+                   random_start=False)
+    assert torch.allclose(one_step, by_hand, atol=1e-7)
+
+
+def test_an_attack_sees_the_order_it_is_evaluated_in():
+    model = tiny_model("ls").eval()
+    pixels = torch.as_tensor(_images(8)).permute(0, 3, 1, 2).float() / 255
+    labels = torch.zeros(8, dtype=torch.long)
+    a = fgsm(PixelModel(model, [0, 1, 2, 3]), pixels, labels, 4 / 255)
+    b = fgsm(PixelModel(model, [3, 2, 1, 0]), pixels, labels, 4 / 255)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5])
+def test_an_eps_outside_the_unit_interval_is_refused(eps):
+    model, pixels, labels = _confident_tiny_model_and_data()
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        fgsm(PixelModel(model), pixels, labels, eps)
+
+
+# -- corruptions -----------------------------------------------------------------------------------
+
+def test_the_settings_know_every_corruption():
+    assert CORRUPTION_NAMES == CORRUPTIONS and len(CORRUPTIONS) == 15
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_a_corruption_is_deterministic_for_a_seed_and_keeps_the_images_shape(name):
+    images = _images(6, size=16)
+    for severity in SEVERITIES:
+        out = corrupt(images, name, severity, seed=3)
+        assert out.shape == images.shape and out.dtype == np.uint8
+        assert np.array_equal(out, corrupt(images, name, severity, seed=3))
+    assert not np.array_equal(corrupt(images, name, 5, 3), images)
+
+
+def test_random_corruptions_differ_between_seeds_and_grow_with_severity():
+    images = np.full((4, 32, 32, 3), 128, dtype=np.uint8)
+    assert not np.array_equal(corrupt(images, "gaussian_noise", 3, 0),
+                              corrupt(images, "gaussian_noise", 3, 1))
+    change = [np.abs(corrupt(images, "gaussian_noise", s, 0).astype(int) - 128).mean()
+              for s in SEVERITIES]
+    assert change == sorted(change)
+
+
+def test_an_unknown_corruption_or_severity_is_refused():
+    with pytest.raises(ValueError, match="unknown corruption 'rain'"):
+        corrupt(_images(1), "rain", 1)
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(_images(1), "fog", 6)
+
+
+# -- evaluation groups -----------------------------------------------------------------------------
+
+def test_ls_models_are_evaluated_in_random_orders_and_the_baseline_sequentially():
+    assert list(order_groups(tiny_model(), 10, 3, 0)) == ["sequential"]
+    groups = order_groups(tiny_model("ls"), 10, 3, 0)["random_orders"]
+    assert sorted(np.concatenate([index for index, _ in groups]).tolist()) == list(range(10))
+    assert len({tuple(order) for _, order in groups}) == len(groups) > 1
+    assert evaluation_subset(10, 4, 0).tolist() == evaluation_subset(10, 4, 0).tolist()
+    assert len(evaluation_subset(10, 4, 0)) == 4 and len(evaluation_subset(10, None, 0)) == 10
+
+
+# -- bad input in params.yaml ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ({"nullspace": {"synthesis": {"epsilon": 0}}}, "nullspace.synthesis.epsilon: must be > 0"),
+    ({"nullspace": {"synthesis": {"fraction": 0}}}, "nullspace.synthesis.fraction"),
+    ({"nullspace": {"synthesis": {"rounds": 0}}}, "nullspace.synthesis.rounds: must be >= 1"),
+    ({"nullspace": {"arms": {"a": {"noise": "gaussian"}}}}, "nullspace.arms.a.noise: must be one"),
+    ({"robustness": {"attacks": {"eps": [0.5, 2]}}}, "robustness.attacks.eps: every budget"),
+    ({"robustness": {"attacks": {"eps": [-0.01]}}}, "robustness.attacks.eps"),
+    ({"robustness": {"attacks": {"names": ["cw"]}}}, "robustness.attacks.names: unknown attack"),
+    ({"robustness": {"corruptions": {"names": ["rain"]}}},
+     "robustness.corruptions.names: unknown corruption"),
+    ({"robustness": {"corruptions": {"severities": [0]}}}, "robustness.corruptions.severities"),
+    ({"robustness": {"attacks": {"pgd_random_start": "yes"}}}, "must be true or false"),
+])
+def test_impossible_robustness_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        settings_from_dict(override)
+
+
+def test_more_synthesis_rounds_than_the_batches_allow_is_refused_before_compute():
+    from anyorder.nullspace import synthesis_batches
+    with pytest.raises(ValueError, match="nullspace.synthesis.fraction: 0.01 of 19 training"):
+        synthesis_batches(1169, SynthesisSettings(fraction=0.01, batch_size=64))
+    assert synthesis_batches(1169, SynthesisSettings(fraction=0.1, batch_size=64)) == 1
