@@ -71,6 +71,14 @@ def evaluate_and_write(settings, model, name: str, device, mlflow, start=None) -
                for attack, table in result["adversarial"]["accuracy"].items()
                for eps, by_mode in table.items()}})
     mlflow.log_artifact(str(path))
+    exact = result["nullspace"]["exact"]
+    if "note" in exact:
+        print(f"{name}: {exact['note']}")
+    else:
+        print(f"{name}: exact nullspace of dimension {exact['nullspace']['dimension']}: noise as "
+              f"large as each image changes {exact['sequential']['predictions_changed']} "
+              f"predictions, relative logit change at most "
+              f"{exact['sequential']['relative_logit_change_max']:.2e}")
     adversarial = result["adversarial"]
     if adversarial["pgd_above_fgsm"]:
         print(f"warning: {name}: PGD scores above FGSM at {adversarial['pgd_above_fgsm']}: a sign "

@@ -38,7 +38,7 @@ def main() -> None:
         train_images, _ = load_split(PREPARED, "train")
     model = load_model(arm.start)
     start = load_model(arm.start)  # kept as it was, for the before/after comparison
-    noise = epoch_noise(arm.noise, synthesis, train_images, arm.seed, device)
+    noise = epoch_noise(arm.noise, synthesis, train_images, device)
     recipe = {"arm": arm_name, "start": arm.start, "noise": arm.noise,
               "synthesis": asdict(synthesis)}
     train_and_log(stage, model, cfg.training(), arm.seed, NULLSPACE / arm_name,

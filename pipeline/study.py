@@ -81,7 +81,7 @@ def main() -> None:
         for seed in args.seeds:
             model = load_model(arm.start)
             history = train_model(model, train, val, cfg.training(), seed, progress=False,
-                                  epoch_noise=epoch_noise(arm.noise, synthesis, train[0], seed,
+                                  epoch_noise=epoch_noise(arm.noise, synthesis, train[0],
                                                           device)).history
             evaluate(f"{arm_name}:seed{seed}", model)
             results[f"{arm_name}:seed{seed}"]["val_accuracy"] = history[-1][

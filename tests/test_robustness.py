@@ -8,7 +8,7 @@ from anyorder.config import CORRUPTION_NAMES, ConfigError, settings_from_dict
 from anyorder.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from anyorder.nullspace import (SynthesisSettings, epoch_noise, exact_noise_like, exact_nullspace,
                                 invariance, patch_embedding_matrix, synthesize_noise)
-from anyorder.robustness import batches, order_groups, evaluation_subset
+from anyorder.robustness import batches, evaluation_subset, nullspace_invariance, order_groups
 from anyorder.tensors import to_model_input
 from anyorder.train import train_model
 from anyorder.config import TrainConfig
@@ -52,6 +52,11 @@ def test_without_a_nullspace_the_dimension_is_zero():
     assert basis.dimension == 0 and basis.rank == 12
     images = to_model_input(_images(2), model.spec)
     assert not exact_noise_like(images, basis, 2, torch.Generator()).any()
+    report = nullspace_invariance(model, _images(4), np.zeros(4, dtype=np.int64), _images(8),
+                                  settings_from_dict({}).robustness,
+                                  SynthesisSettings(fraction=1.0, rounds=1, batch_size=4),
+                                  order_groups(model, 4, 1, 0), torch.device("cpu"))
+    assert "has no nullspace: C*P*P = 12 inputs <= width 32" in report["exact"]["note"]
 
 
 # -- approximate nullspace -------------------------------------------------------------------------
@@ -85,7 +90,7 @@ def test_synthesised_noise_moves_the_outputs_less_than_random_noise_of_its_norm(
     settings = SynthesisSettings(lim=3.0, lr=0.1, epsilon=1e-9, rounds=30, fraction=1.0,
                                  batch_size=16)
     result = synthesize_noise(model, images, settings, torch.Generator().manual_seed(0))
-    random = epoch_noise("random", settings, images, 0)
+    random = epoch_noise("random", settings, images)
     _, record = random(model, torch.Generator().manual_seed(0))
     assert record["noise_norm"] > 0
     control = torch.rand(16, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -111,7 +116,7 @@ def test_nullspace_fine_tuning_trains_on_clean_and_noisy_images(digits16):
     results = {}
     for kind in ("nullspace", "none"):
         model = tiny_model("ls", seed=0)
-        noise = epoch_noise(kind, settings, train[0], 0)
+        noise = epoch_noise(kind, settings, train[0])
         history = train_model(model, train, digits16["val"], cfg, seed=0, progress=False,
                               epoch_noise=noise).history
         results[kind] = (model.state_dict(), history[-1])

@@ -228,12 +228,14 @@ def random_noise_like(noise: torch.Tensor, generator: torch.Generator) -> torch.
     return (random * (noise.norm().cpu() / random.norm())).to(noise)
 
 
-def epoch_noise(kind: str, settings: SynthesisSettings, images: np.ndarray, seed: int,
+def epoch_noise(kind: str, settings: SynthesisSettings, images: np.ndarray,
                 device: torch.device | str = "cpu"
                 ) -> Optional[Callable[[AnyOrderViT, torch.Generator], tuple]]:
     """The per-epoch noise of a fine-tuning arm, for `train_model(epoch_noise=...)`:
     "nullspace": synthesised from the current weights; "random": un-optimised noise with the norm
-    the synthesis reaches from the same weights (the control); "none": no noisy term (None)."""
+    the synthesis reaches from the same weights (the control); "none": no noisy term (None).
+    Randomness comes from the generator `train_model` passes each epoch (seeded by the run's seed
+    and the epoch), so a resumed run draws the same noise."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; known: {', '.join(NOISE_KINDS)}")
     if kind == "none":

@@ -135,6 +135,10 @@ def nullspace_invariance(model: AnyOrderViT, images: np.ndarray, labels: np.ndar
     basis = exact_nullspace(model, cfg.exact_rtol)
     patch = int(model.vit.patch_embed.patch_size[0])
     exact = {"nullspace": basis.summary(), "noise_to_image_norm": 1.0 if basis.dimension else 0.0}
+    if basis.dimension == 0:
+        exact["note"] = (f"the patch embedding has no nullspace: C*P*P = {basis.input_dim} inputs "
+                         f"<= width {basis.embed_dim} at rank {basis.rank}; the exact check adds "
+                         f"zero noise")
     for mode, groups in modes.items():
         generator = generator_for(cfg.noise_seed, 0, STREAM_VALIDATION)
         exact[mode] = invariance(
