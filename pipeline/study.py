@@ -18,26 +18,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import env
+import numpy as np
+import torch
 
-env.apply()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _robustness import load_corrupted, synthesis_settings
+from _stage import CORRUPTED, PREPARED
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from anyorder.checkpoint import load_model
+from anyorder.config import load_settings
+from anyorder.corruptions import CORRUPTIONS
+from anyorder.data import load_split
+from anyorder.files import atomic_write_bytes, atomic_write_json
+from anyorder.nullspace import epoch_noise
+from anyorder.robustness import evaluate_robustness
+from anyorder.summary import robustness_table
+from anyorder.tensors import resolve_device
+from anyorder.train import train_model
 
-from anyorder.checkpoint import load_model  # noqa: E402
-from anyorder.config import load_settings  # noqa: E402
-from anyorder.corruptions import CORRUPTIONS  # noqa: E402
-from anyorder.data import load_split  # noqa: E402
-from anyorder.files import atomic_write_bytes, atomic_write_json  # noqa: E402
-from anyorder.nullspace import SynthesisSettings, epoch_noise  # noqa: E402
-from anyorder.robustness import evaluate_robustness  # noqa: E402
-from anyorder.summary import robustness_table  # noqa: E402
-from anyorder.tensors import resolve_device  # noqa: E402
-from anyorder.train import train_model  # noqa: E402
-
-PREPARED, CORRUPTED, OUT = Path("data/prepared"), Path("data/corrupted"), Path("metrics/study")
+OUT = Path("metrics/study")
 HEADLINE = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255", "fgsm@2/255",
             "fgsm@4/255", "fgsm@8/255", "pgd@1/255", "pgd@2/255", "pgd@4/255", "pgd@8/255",
             "synthesised_noise_accuracy"]
@@ -60,13 +58,8 @@ def main() -> None:
     if missing:
         sys.exit(f"error: {', '.join(map(str, missing))} missing: run `make run` first")
     test, train, val = (load_split(PREPARED, s) for s in ("test", "train", "val"))
-    corrupted = {}
-    for name in robust.corruptions.names:
-        with np.load(CORRUPTED / f"{name}.npz", allow_pickle=False) as archive:
-            corrupted[name] = archive["x"]
-    s = cfg.synthesis
-    synthesis = SynthesisSettings(s.lim, s.lr, s.epsilon, s.rounds, s.fraction, s.log_norm_weight,
-                                  cfg.batch_size)
+    corrupted = load_corrupted(settings)  # checked against robustness.corruptions
+    synthesis = synthesis_settings(settings)
     results: dict[str, dict] = {}
     started = time.perf_counter()
 

@@ -194,15 +194,3 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
         "nullspace": nullspace_invariance(model, images, labels, train_images, cfg, synthesis,
                                           modes, device),
     }
-
-
-def corruption_errors(metrics: dict, baseline: dict, mode: str = "sequential") -> dict:
-    """mCE-style: per corruption, the model's errors summed over severities divided by the
-    baseline's (sequential order), and their mean (1.0 = as robust as the baseline; lower is
-    better). ImageNet-C divides by AlexNet's errors; there is no AlexNet here."""
-    own = metrics["corruptions"]["errors"]
-    base = baseline["corruptions"]["errors"]
-    ratios = {name: own[name][mode] / base[name]["sequential"]
-              for name in own if mode in own[name] and base.get(name, {}).get("sequential")}
-    return {"per_corruption": ratios,
-            "mce": float(np.mean(list(ratios.values()))) if ratios else float("nan")}
