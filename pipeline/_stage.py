@@ -57,6 +57,7 @@ FINETUNED = Path("models/finetune")
 SELECTED = Path("models/selected")
 EXPORTS = Path("exports")
 NULLSPACE = Path("models/nullspace")
+MERGED = Path("models/merged")
 CORRUPTED = Path("data/corrupted")
 WEIGHTS_DIR = Path("models/weights")  # local pre-trained weights: a dependency of pretrain
 METRICS = Path("metrics")
@@ -148,7 +149,8 @@ class Stage:
 
 
 # foreach stages: the command-line flag naming the entry, and the settings mapping it lives in.
-FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models"), "arm": ("nullspace", "arms")}
+FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models"), "arm": ("nullspace", "arms"),
+           "name": ("merge", "models")}
 
 
 def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:

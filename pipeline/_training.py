@@ -20,7 +20,7 @@ STATE = project_root() / ".anyorder" / "state"
 def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: Path,
                   order_sampling: str = "batch", position_loss_weight: float = 1.0,
                   epoch_noise=None, info: Optional[dict] = None, fingerprint_extra: str = "",
-                  then: Optional[Callable] = None) -> None:
+                  then: Optional[Callable] = None, layerdrop: Optional[list] = None) -> None:
     """Train and save with the library (resumable under STATE/<stage>), write the per-epoch plot
     CSV, mirror it all to MLflow (timings there and in the log, never in the outputs).
     `then(mlflow)` runs after saving, inside the same MLflow run (an evaluation of the model)."""
@@ -34,7 +34,8 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
                                     order_sampling=order_sampling,
                                     position_loss_weight=position_loss_weight,
                                     fingerprint_extra=inputs_digest(stage) + fingerprint_extra,
-                                    on_epoch_end=log_epoch, epoch_noise=epoch_noise, info=info)
+                                    on_epoch_end=log_epoch, epoch_noise=epoch_noise, info=info,
+                                    layerdrop=layerdrop)
         except TrainingDiverged as exc:
             fail(f"{stage.name}: {exc}", code=1)
         atomic_write_csv(plot_csv, result.history)

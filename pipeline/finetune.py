@@ -1,10 +1,13 @@
 """Stage `finetune@<run>`: fine-tune one variant (sequential, ls, ls_pos, ls_pred) with one seed,
-starting from the pre-trained sequential model, as in the paper."""
-from _stage import FINETUNED, PLOTS, PRETRAINED, begin, user_errors
+starting from the pre-trained sequential model, as in the paper. The run's knobs also make the
+paper's pruning baselines: `layerdrop_rate` (LayerDrop: blocks skipped during training, order
+kept) and `depth` (a shallower model: the pre-trained model's first `depth` blocks)."""
+from _stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
 from _training import train_and_log
 
 from anyorder.checkpoint import load_model, load_model_into
 from anyorder.model import build_model, variant_spec
+from anyorder.orders import layerdrop_rates
 from anyorder.tensors import resolve_device
 
 
@@ -14,12 +17,20 @@ def main() -> None:
     run, cfg = stage.settings.finetune.runs[run_name], stage.settings.finetune
     with user_errors():
         resolve_device(cfg.device, "finetune.device")
-        spec = variant_spec(load_model(PRETRAINED).spec, run)
+        base = load_model(PRETRAINED).spec
+        if run.depth is not None and run.depth > base.depth:
+            fail(f"finetune.runs.{run_name}.depth: {run.depth} is deeper than the pre-trained "
+                 f"model ({base.depth} blocks); a shallower model keeps its first blocks")
+        spec = variant_spec(base, run)
         model = build_model(spec, seed=run.seed)  # seeds the variant's new parts
-    # Variant-only parts (LS-pos adapters, LS-pred heads) keep their fresh initialisation.
+    # Variant-only parts (LS-pos adapters, LS-pred heads) keep their fresh initialisation; a
+    # shallower model takes the first `depth` blocks (the others are not in its state dict).
     load_model_into(model, PRETRAINED, strict=False)
     knobs = {name: value for name in ("order_sampling", "position_loss_weight")
              if (value := run.knob(name)) is not None}  # only the variant's own knobs
+    if run.knob("layerdrop_rate"):
+        knobs["layerdrop"] = layerdrop_rates(model.depth, run.knob("layerdrop_rate"),
+                                             run.knob("layerdrop_schedule"))
     train_and_log(stage, model, cfg.training(), run.seed, FINETUNED / run_name,
                   PLOTS / "train" / f"finetune-{run_name}.csv", **knobs)
 

@@ -1,4 +1,6 @@
-"""Stage `report`: the summary tables of every evaluated model.
+"""Stage `report`: the summary tables of every evaluated model, and the report page
+metrics/report.md (every model's headline numbers and the plots: orders, pruning, merging,
+robustness, analysis; the PNGs beside it under plots/).
 
 Writes metrics/summary.json (per run: sequential and arbitrary-order accuracy against the
 sequential baseline), metrics/robustness_summary.json and metrics/robustness.md (per model and
@@ -7,12 +9,12 @@ baseline, FGSM/PGD accuracy per budget, nullspace invariance), and the plots
 plots/robustness/{severity,adversarial}.{csv,png} (accuracy vs severity per corruption family;
 accuracy vs eps), all mirrored to MLflow.
 """
-import json
-
-from _stage import METRICS, PLOTS, begin, track
+from _plots import png, pyplot
+from _stage import METRICS, PLOTS, begin, read_json, track
 
 from anyorder.files import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from anyorder.summary import robustness_markdown, robustness_table, summary_table
+from anyorder.summary import (merge_summary, pruning_rows, report_markdown, robustness_markdown,
+                              robustness_table, summary_table)
 
 COLUMNS = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255", "fgsm@4/255",
            "fgsm@8/255", "pgd@1/255", "pgd@4/255", "pgd@8/255", "synthesised_noise_accuracy",
@@ -37,20 +39,10 @@ def plot_rows(models: dict) -> tuple[list[dict], list[dict]]:
     return severity, adversarial
 
 
-def png(figure) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _figure(rows: list[dict], panel: str, x: str, xlabel: str, width: float, title=str.upper
             ) -> bytes:
     """One panel per value of `panel`, one line per (model, mode): accuracy against `x`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = sorted({r[panel] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.8), sharey=True,
                              squeeze=False)
@@ -63,9 +55,7 @@ def _figure(rows: list[dict], panel: str, x: str, xlabel: str, width: float, tit
     axes[0][0].set_ylabel("test accuracy")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.25, 1, 1))
-    data = png(fig)
-    plt.close(fig)
-    return data
+    return png(fig)
 
 
 def draw(severity: list[dict], adversarial: list[dict]) -> dict[str, bytes]:
@@ -73,13 +63,77 @@ def draw(severity: list[dict], adversarial: list[dict]) -> dict[str, bytes]:
             "adversarial": _figure(adversarial, "attack", "eps_255", "eps (x 1/255)", 5)}
 
 
+KIND_STYLE = {"sequential": ("black", "-"), "layerdrop": ("tab:red", "-"),
+              "shallow": ("tab:gray", ":"), "layershuffle": (None, "-"), "merged": (None, "--")}
+
+
+def draw_pruning(rows: list[dict]) -> bytes:
+    """Accuracy against blocks run, every model on one axis (band: +-1 std over subsets)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # Colours of their own for the baselines (KIND_STYLE); the cycle without them for the rest.
+    ax.set_prop_cycle(color=[c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]
+                             if c not in ("#d62728", "#7f7f7f")])
+    for model in sorted({r["model"] for r in rows}, key=lambda m: [r["kind"] for r in rows
+                                                                   if r["model"] == m][0]):
+        line = sorted((r for r in rows if r["model"] == model), key=lambda r: r["blocks_run"])
+        kind = line[0]["kind"]
+        color, style = KIND_STYLE[kind]
+        x = [r["blocks_run"] for r in line]
+        y = [r["accuracy"] for r in line]
+        drawn = ax.plot(x, y, linestyle=style, marker="o", markersize=3, color=color,
+                        label=f"{model} ({kind})")
+        ax.fill_between(x, [a - r["std"] for a, r in zip(y, line)],
+                        [a + r["std"] for a, r in zip(y, line)], alpha=0.12,
+                        color=drawn[0].get_color())
+        if kind == "shallow":  # the model as trained: a point at its own depth
+            ax.plot(x[-1:], y[-1:], marker="s", markersize=8, color="tab:gray")
+    ax.set(xlabel="blocks run (of the full model's; shallow: trained at that depth)",
+           ylabel="test accuracy", title="Test-time layer pruning")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return png(fig)
+
+
+def draw_orders(runs: dict) -> bytes:
+    """Test accuracy of every model over the evaluate stage's random orders (one dot each)."""
+    plt = pyplot()
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 0.75 * len(names)), 3.8))
+    for i, name in enumerate(names):
+        values = runs[name]["order_accuracies"]
+        ax.scatter([i] * len(values), values, s=6, alpha=0.5)
+        ax.scatter([i], [runs[name]["sequential"]], marker="_", s=300, color="black")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    ax.set(ylabel="test accuracy", title="Random orders (dots) and sequential order (bar)")
+    fig.tight_layout()
+    return png(fig)
+
+
+def kind_of(name: str, runs, merges) -> str:
+    if name in merges:
+        return "merged"
+    run = runs[name]
+    if run.depth is not None:
+        return "shallow"
+    if run.layerdrop_rate:
+        return "layerdrop"
+    return "sequential" if run.variant == "sequential" else "layershuffle"
+
+
 def main() -> None:
     stage = begin(__doc__, "report")
-    names = list(stage.settings.finetune.runs) + list(stage.settings.nullspace.arms)
-    runs = {name: json.loads((METRICS / "evaluate" / f"{name}.json").read_text())
-            for name in stage.settings.finetune.runs}
-    robust = {name: json.loads((METRICS / "robustness" / f"{name}.json").read_text())
-              for name in names}
+    finetune_runs, merges = stage.settings.finetune.runs, stage.settings.merge.models
+    names = list(finetune_runs) + list(stage.settings.nullspace.arms)
+    evaluated = list(finetune_runs) + list(merges)
+    runs = {name: read_json(METRICS / "evaluate" / f"{name}.json", f"evaluate@{name}")
+            for name in evaluated}
+    robust = {name: read_json(METRICS / "robustness" / f"{name}.json", name) for name in names}
+    curves = {name: read_json(METRICS / "pruning" / f"{name}.json", name) for name in evaluated}
+    cards = {name: read_json(METRICS / "merge" / f"{name}.json", f"merge@{name}")
+             for name in merges}
+    analysis = read_json(METRICS / "analysis.json", "analysis")
     with track(stage) as mlflow:
         summary = summary_table(runs)
         atomic_write_json(METRICS / "summary.json", summary)
@@ -89,20 +143,39 @@ def main() -> None:
         mlflow.log_artifact(str(METRICS / "summary.json"))
         table = robustness_table(robust, summary["baseline_run"] or names[0])
         atomic_write_json(METRICS / "robustness_summary.json", table)
-        atomic_write_bytes(METRICS / "robustness.md", robustness_markdown(table, COLUMNS).encode())
+        robustness_md = robustness_markdown(table, COLUMNS)
+        atomic_write_bytes(METRICS / "robustness.md", robustness_md.encode())
         severity, adversarial = plot_rows(robust)
         atomic_write_csv(PLOTS / "robustness" / "severity.csv", severity)
         atomic_write_csv(PLOTS / "robustness" / "adversarial.csv", adversarial)
-        for plot_name, data in draw(severity, adversarial).items():
-            atomic_write_bytes(PLOTS / "robustness" / f"{plot_name}.png", data)
-            mlflow.log_artifact(str(PLOTS / "robustness" / f"{plot_name}.png"))
+        pruning = pruning_rows(curves, {n: kind_of(n, finetune_runs, merges) for n in curves})
+        atomic_write_csv(PLOTS / "pruning" / "curves.csv", pruning)
+        merge_table = merge_summary(cards, runs)
+        atomic_write_json(METRICS / "merge_summary.json", merge_table)
+        images = {PLOTS / "robustness" / f"{n}.png": data
+                  for n, data in draw(severity, adversarial).items()}
+        images[PLOTS / "pruning" / "pruning.png"] = draw_pruning(pruning)
+        images[PLOTS / "orders.png"] = draw_orders(runs)
+        for path, data in images.items():
+            atomic_write_bytes(path, data)
+            mlflow.log_artifact(str(path))
+        figures = {path.stem: f"../{path.as_posix()}" for path in images}
+        figures.update({path.stem: f"../{path.as_posix()}"
+                        for path in sorted((PLOTS / "analysis").glob("*.png"))})
+        page = report_markdown(summary, pruning, merge_table, analysis, robustness_md, figures)
+        atomic_write_bytes(METRICS / "report.md", page.encode())
         mlflow.log_artifact(str(METRICS / "robustness.md"))
+        mlflow.log_artifact(str(METRICS / "report.md"))
     print(f"{'run':<14}{'variant':<12}{'sequential':>11}{'arb mean':>10}{'arb min':>9}{'vs base':>9}")
     for name, row in summary["runs"].items():
         ratio = row.get("arbitrary_mean_vs_baseline_sequential", float("nan"))
         print(f"{name:<14}{row['variant']:<12}{row['sequential']:>11.4f}"
               f"{row['arbitrary_mean']:>10.4f}{row['arbitrary_min']:>9.4f}{ratio:>9.3f}")
-    print((METRICS / "robustness.md").read_text())
+    for name, m in merge_table.items():
+        print(f"merge {name}: test {m['test_merged_mean']:.4f} vs sources' mean "
+              f"{m.get('test_sources_mean', float('nan')):.4f}; validation {m['val_merged']:.4f} "
+              f"vs best source {m['val_best_source']:.4f}")
+    print(f"report: {METRICS / 'report.md'}")
 
 
 if __name__ == "__main__":

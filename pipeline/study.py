@@ -1,4 +1,5 @@
-"""The nullspace study (`make study`): every nullspace arm of params.yaml with several seeds.
+"""The nullspace study (`make study`): every nullspace arm of params.yaml (nullspace.arms and
+nullspace.study_arms, the random-noise controls) with several seeds.
 
 The default pipeline runs each arm with one seed and attacks/corrupts a subset of the test split
 (robustness.num_images) to fit its 15-minute budget. This runs each arm's start model and noise
@@ -51,8 +52,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = load_settings(args.params)
     cfg, robust = settings.nullspace, replace(settings.robustness, num_images=None)
+    arms = {**cfg.arms, **cfg.study_arms}
     device = resolve_device(cfg.device, "nullspace.device")
-    starts = sorted({arm.start for arm in cfg.arms.values()})
+    starts = sorted({arm.start for arm in arms.values()})
     missing = [p for p in [PREPARED / "test.npz", CORRUPTED / "manifest.json"] +
                [Path(s) / "model.json" for s in starts] if not p.is_file()]
     if missing:
@@ -70,7 +72,7 @@ def main() -> None:
 
     for start in starts:
         evaluate(f"start:{start}", load_model(start))
-    for arm_name, arm in cfg.arms.items():
+    for arm_name, arm in arms.items():
         for seed in args.seeds:
             model = load_model(arm.start)
             history = train_model(model, train, val, cfg.training(), seed, progress=False,
@@ -79,27 +81,27 @@ def main() -> None:
             evaluate(f"{arm_name}:seed{seed}", model)
             results[f"{arm_name}:seed{seed}"]["val_accuracy"] = history[-1][
                 "val_accuracy_sequential"]
-    baseline = next(f"start:{a.start}" for a in cfg.arms.values() if "sequential" in a.start)
+    baseline = next(f"start:{a.start}" for a in arms.values() if "sequential" in a.start)
     table = robustness_table(results, baseline)["models"]
     summary = {"seeds": args.seeds, "num_test_images": int(len(test[1])), "baseline": baseline,
                "corruptions": list(robust.corruptions.names) == list(CORRUPTIONS),
                "arms": {}, "differences": {}, "runs": table}
-    for arm_name, arm in cfg.arms.items():
+    for arm_name, arm in arms.items():
         rows = [table[f"{arm_name}:seed{seed}"] for seed in args.seeds]
         summary["arms"][arm_name] = {mode: {k: _stats([r[mode][k] for r in rows]) for k in HEADLINE}
                                      for mode in rows[0] if mode != "variant"}
         summary["arms"][arm_name]["start"] = arm.start
         summary["arms"][arm_name]["noise"] = arm.noise
-    for arm_name, arm in cfg.arms.items():  # arbitrary-order accuracy kept by fine-tuning
+    for arm_name, arm in arms.items():  # arbitrary-order accuracy kept by fine-tuning
         start_clean = results[f"start:{arm.start}"]["clean_accuracy"]
         if "random_orders" in start_clean:
             summary["arms"][arm_name]["random_orders_accuracy_kept"] = _stats([
                 results[f"{arm_name}:seed{seed}"]["clean_accuracy"]["random_orders"]
                 / start_clean["random_orders"] for seed in args.seeds])
-    for arm_name, arm in cfg.arms.items():
+    for arm_name, arm in arms.items():
         if arm.noise != "nullspace":
             continue
-        for other_name, other in cfg.arms.items():
+        for other_name, other in arms.items():
             if other.start == arm.start and other.noise != "nullspace":
                 diff = {}
                 for mode in summary["arms"][arm_name]:

@@ -54,7 +54,9 @@ TINY_PIPELINE = {
     "model": {"patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2},
     "pretrain": {"epochs": 1, "warmup_epochs": 0},
     "finetune": {"epochs": 1, "runs": {"seq": {"variant": "sequential", "seed": 0},
-                                       "ls": {"variant": "ls", "seed": 0}}},
+                                       "ls": {"variant": "ls", "seed": 0},
+                                       "ls1": {"variant": "ls", "seed": 1,
+                                               "layerdrop_rate": 0.3}}},
     "evaluate": {"num_orders": 3},
     "select": {"num_orders": 3},
     "export": {"check_orders": 3,
@@ -68,6 +70,11 @@ TINY_PIPELINE = {
     "robustness": {"corruptions": {"names": ["gaussian_noise", "fog"], "severities": [1, 5]},
                    "attacks": {"eps": [0.0313725490196078], "pgd_steps": 2},
                    "num_images": 16, "num_orders": 2},
+    "pruning": {"subsets": 3},
+    "merge": {"num_orders": 2, "models": {"frank": {
+        "generator": "greedy", "sources": ["models/finetune/ls", "models/finetune/ls1"]}}},
+    "analysis": {"models": ["models/finetune/seq", "models/finetune/ls"], "num_images": 16,
+                 "num_orders": 2},
 }
 
 
@@ -86,7 +93,7 @@ def copy_tiny_project(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / name, root / name)
-    for name in ("pipeline", "src", "data/embedded", "models/weights"):
+    for name in ("pipeline", "src", "data/embedded", "models/weights", "models/recipes"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PIPELINE)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

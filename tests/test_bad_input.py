@@ -116,7 +116,7 @@ def test_evaluate_refuses_a_bad_device(project, edit, message):
 
 def test_an_unknown_run_is_refused(project):
     refused(stage(project, "evaluate", "--run", "nope"),
-            "finetune.runs has no entry 'nope' (known: seq, ls)")
+            "finetune.runs has no entry 'nope' (known: seq, ls, ls1)")
 
 
 @pytest.mark.parametrize("name,args,edit,message", [

@@ -314,7 +314,8 @@ def test_flow_runs_the_real_pipeline_end_to_end(harness, tmp_path, monkeypatch):
     assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["num_orders"] == 3
     status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
                             capture_output=True, text=True, check=True)
-    assert set(json.loads(status.stdout)) == {"evaluate@seq", "evaluate@ls"}
+    assert set(json.loads(status.stdout)) == {"evaluate@seq", "evaluate@ls", "evaluate@ls1",
+                                              "merge@frank"}
     exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
                           capture_output=True, text=True, check=True).stdout.split()
     assert result["experiment"] in exps

@@ -104,7 +104,8 @@ def test_repro_writes_every_output(project):
         assert len(metrics["orders"]) == 3 == len(metrics["order_accuracies"])
         assert (root / f"plots/orders/{name}.csv").read_text().startswith("order_index,accuracy")
     summary = json.loads((root / "metrics/summary.json").read_text())
-    assert summary["baseline_run"] == "seq" and set(summary["runs"]) == {"seq", "ls"}
+    assert summary["baseline_run"] == "seq" and set(summary["runs"]) == {"seq", "ls", "ls1",
+                                                                          "frank"}
     assert not list((root / ".anyorder/state").glob("*/*"))  # finished runs leave no state
     selection = json.loads((root / "models/selected/ls_best/selection.json").read_text())
     assert selection["chosen"] == "ls" and selection["split"] == "val"
@@ -138,12 +139,31 @@ def test_repro_writes_every_output(project):
     arm = json.loads((root / "models/nullspace/seq_null/model.json").read_text())["training"]
     assert arm["nullspace"]["noise"] == "nullspace" and arm["final"]["noise_norm"] > 0
     table = json.loads((root / "metrics/robustness_summary.json").read_text())
-    assert table["baseline"] == "seq" and set(table["models"]) == {"seq", "ls", "seq_null",
+    assert table["baseline"] == "seq" and set(table["models"]) == {"seq", "ls", "ls1", "seq_null",
                                                                     "ls_plain"}
     assert table["models"]["seq"]["sequential"]["mce_vs_baseline"] == pytest.approx(1.0)
     assert "| ls_plain | ls | random_orders |" in (root / "metrics/robustness.md").read_text()
-    for plot in ("severity.png", "adversarial.png"):
-        assert (root / "plots/robustness" / plot).read_bytes()[:4] == b"\x89PNG"
+    for plot in ("robustness/severity.png", "robustness/adversarial.png", "pruning/pruning.png",
+                 "orders.png", "analysis/slot_contribution.png", "analysis/projection.png"):
+        assert (root / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    # LayerDrop (on an LS run here): the recorded orders are shortened ones; the merge card;
+    # the pruning curve of every evaluated model; the report page and its links.
+    dropped = json.loads((root / "models/finetune/ls1/train_orders.json").read_text())
+    assert dropped["layerdrop"] == [0.3] * 3 and min(map(len, dropped["orders"])) < 3
+    card = json.loads((root / "models/merged/frank/merge.json").read_text())
+    assert card["generator"] == "greedy" and set(card["sources"]) == {"ls", "ls1"}
+    assert card["validation"]["merged"] >= card["validation"]["best_source"]
+    assert all(len(s["sha256"]) == 64 for s in card["sources"].values())
+    for name in ("seq", "ls", "ls1", "frank"):
+        curve = json.loads((root / f"metrics/pruning/{name}.json").read_text())["curve"]
+        assert [row["kept"] for row in curve] == [3, 2, 1]
+    report = (root / "metrics/report.md").read_text()
+    for section in ("## Models", "## Pruning", "## Frankenstein merges", "## Robustness",
+                    "## Analysis"):
+        assert section in report
+    for link in [line.split("(")[1].rstrip(")") for line in report.splitlines()
+                 if line.startswith("![")]:
+        assert (root / "metrics" / link).resolve().is_file(), link
 
 
 @pytest.mark.slow
@@ -155,9 +175,10 @@ def test_stage_runs_are_grouped_in_mlflow(project):
     runs = client.search_runs([experiment.experiment_id],
                               "tags.`anyorder.pipeline_run_id` = 'test-run-1'")
     stages = {r.data.tags.get("anyorder.stage") for r in runs if r.data.tags["anyorder.role"] == "stage"}
-    assert stages == {"prepare", "pretrain", "finetune@seq", "finetune@ls", "evaluate@seq",
-                      "evaluate@ls", "report", "select", "export@ls_best", "register", "corrupt",
-                      "nullspace@seq_null", "nullspace@ls_plain"}
+    assert stages == {"prepare", "pretrain", "finetune@seq", "finetune@ls", "finetune@ls1",
+                      "evaluate@seq", "evaluate@ls", "evaluate@ls1", "report", "select",
+                      "export@ls_best", "register", "corrupt", "nullspace@seq_null",
+                      "nullspace@ls_plain", "merge@frank", "analysis"}
     parents = [r for r in runs if r.data.tags["anyorder.role"] == "pipeline"]
     assert len(parents) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -187,7 +208,8 @@ def test_a_param_change_reruns_exactly_the_stages_that_read_it(clone):
     root, env = clone
     assert stages_that_ran(dvc(root, env, "repro").stdout) == set()
     edit_params(root, lambda p: p["evaluate"].update(num_orders=4))
-    assert changed_stages(root, env) == {"evaluate@seq", "evaluate@ls"}
+    assert changed_stages(root, env) == {"evaluate@seq", "evaluate@ls", "evaluate@ls1",
+                                         "merge@frank"}
     run(["git", "checkout", "params.yaml"], root, env)
     # A variant knob of one LS run touches that run only (not the baseline, not pretrain).
     edit_params(root, lambda p: p["finetune"]["runs"]["ls"].update(order_sampling="sample"))
@@ -200,9 +222,10 @@ def test_a_library_change_reruns_the_stages_that_import_it(clone):
     with open(root / "src/anyorder/checkpoint.py", "a") as f:
         f.write("\n# one more byte\n")
     assert changed_stages(root, env) == {"pretrain", "finetune@seq", "finetune@ls",
-                                         "evaluate@seq", "evaluate@ls", "select",
-                                         "export@ls_best", "nullspace@seq_null",
-                                         "nullspace@ls_plain"}
+                                         "finetune@ls1", "evaluate@seq", "evaluate@ls",
+                                         "evaluate@ls1", "select", "export@ls_best",
+                                         "nullspace@seq_null", "nullspace@ls_plain",
+                                         "merge@frank", "analysis"}
     run(["git", "checkout", "src/anyorder/checkpoint.py"], root, env)
     with open(root / "src/anyorder/summary.py", "a") as f:
         f.write("\n# one more byte\n")
@@ -236,7 +259,8 @@ def test_dvc_exp_run_with_overrides_reruns_only_the_affected_stages(clone):
     root, env = clone
     exp = dvc(root, env, "exp", "run", "-S", "evaluate.num_orders=5")
     # New evaluations: the selection copies one, so export and register follow.
-    assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "report", "select",
+    assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "evaluate@ls1",
+                                           "merge@frank", "report", "select",
                                            "export@ls_best", "register", "nullspace@ls_plain"}
     metrics = json.loads((root / "metrics/evaluate/ls.json").read_text())
     assert metrics["arbitrary"]["count"] == 5

@@ -230,12 +230,21 @@ class FinetuneRun(_Section):
     order_sampling: Optional[Literal["batch", "sample"]] = None
     position_loss_weight: Optional[float] = None   # ls_pred: loss = CE + weight * position CE
     position_embedding_dim: Optional[int] = None   # ls_pos: width of the slot table (ref. code 32)
+    # LayerDrop (Fan et al. 2019): each batch, the block at execution slot s is skipped with
+    # probability rate (uniform) or rate * (s + 1) / depth (linear); the order is kept.
+    layerdrop_rate: Optional[float] = None
+    layerdrop_schedule: Optional[Literal["uniform", "linear"]] = None
+    # A shallower model: the start model's first `depth` blocks, trained at that depth.
+    depth: Optional[int] = None
 
     # knob -> (variants it applies to, its default)
     KNOBS: typing.ClassVar[dict[str, tuple[tuple[str, ...], Any]]] = {
         "order_sampling": (LAYERSHUFFLE_VARIANTS, "batch"),
         "position_loss_weight": (("ls_pred",), 1.0),
         "position_embedding_dim": (("ls_pos",), 32),
+        "layerdrop_rate": (VARIANTS, 0.0),
+        "layerdrop_schedule": (VARIANTS, "uniform"),
+        "depth": (VARIANTS, None),
     }
 
     def check(self, key: str) -> None:
@@ -250,6 +259,17 @@ class FinetuneRun(_Section):
         if self.position_embedding_dim is not None:
             _require(self.position_embedding_dim >= 1, f"{key}.position_embedding_dim",
                      "must be >= 1", self.position_embedding_dim)
+        if self.layerdrop_rate is not None:
+            _require(0.0 <= self.layerdrop_rate < 1.0, f"{key}.layerdrop_rate", "must be in [0, 1)",
+                     self.layerdrop_rate)
+            _require(self.order_sampling != "sample", f"{key}.layerdrop_rate", "needs "
+                     "order_sampling: batch (a dropped block is skipped for the whole batch)",
+                     self.layerdrop_rate)
+        _require(self.layerdrop_schedule is None or self.layerdrop_rate is not None,
+                 f"{key}.layerdrop_schedule", "has no effect without layerdrop_rate; set both",
+                 self.layerdrop_schedule)
+        if self.depth is not None:
+            _require(self.depth >= 1, f"{key}.depth", "must be >= 1", self.depth)
 
     def knob(self, name: str) -> Any:
         """The value of a variant knob, its default when unset (None if the variant lacks it)."""
@@ -395,11 +415,13 @@ class NullspaceArm(_Section):
 class NullspaceConfig(TrainConfig):
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     arms: dict[str, NullspaceArm] = field(default_factory=lambda: {"seq_null": NullspaceArm()})
+    # Arms only the study (pipeline/study.py, `make study`) runs, beside `arms`: no stage reads it.
+    study_arms: dict[str, NullspaceArm] = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         super().check(key)
         self.synthesis.check(f"{key}.synthesis")
-        for name, arm in self.arms.items():
+        for name, arm in list(self.arms.items()) + list(self.study_arms.items()):
             _check_name(name, f"{key}.arms.{name}")
             _require(bool(arm.start.strip()), f"{key}.arms.{name}.start",
                      "must name a model directory the pipeline writes", arm.start)
@@ -479,6 +501,82 @@ class RobustnessConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PruningConfig(_Section):
+    """Test-time pruning curves of every model (evaluate@<run>, merge@<name>, nullspace@<arm>)."""
+    subsets: int = 20                # seeded kept-block choices (and orders) per number removed
+    seed: int = 99
+    batch_size: int = 256
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        _require(self.subsets >= 1, f"{key}.subsets", "must be >= 1", self.subsets)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        check_device(self.device, f"{key}.device")
+
+
+@dataclass(frozen=True)
+class MergeModel(_Section):
+    """One Frankenstein model: a recipe generator and its sources (model directories)."""
+    generator: Literal["random", "greedy", "manual"] = "random"
+    sources: list[str] = field(default_factory=list)
+    base: Optional[str] = None       # stem/head source; null: the first (random), best (greedy)
+    seed: int = 0
+    recipe: Optional[str] = None     # manual: a recipe file (its sources replace `sources`)
+
+    def check(self, key: str) -> None:
+        if self.generator == "manual":
+            _require(bool(self.recipe), f"{key}.recipe", "the manual generator needs a recipe "
+                     "file (e.g. models/recipes/<name>.yaml)", self.recipe)
+            return
+        _require(self.recipe is None, f"{key}.recipe", f"only the manual generator reads a "
+                 f"recipe file, not {self.generator}; remove it", self.recipe)
+        _require(len(self.sources) >= 2, f"{key}.sources", "needs at least two model "
+                 "directories", self.sources)
+        names = [Path(s).name for s in self.sources]
+        _require(len(set(names)) == len(names), f"{key}.sources", "the directories must have "
+                 "distinct names (they name the sources in the recipe)", self.sources)
+        _require(self.base is None or self.base in self.sources, f"{key}.base",
+                 "must be one of the sources, or null", self.base)
+
+
+@dataclass(frozen=True)
+class MergeConfig(_Section):
+    num_orders: int = 20             # validation orders the greedy rule and the card score over
+    order_seed: int = 2468
+    batch_size: int = 256
+    device: str = "auto"
+    models: dict[str, MergeModel] = field(default_factory=dict)
+
+    def check(self, key: str) -> None:
+        _require(self.num_orders >= 1, f"{key}.num_orders", "must be >= 1", self.num_orders)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        check_device(self.device, f"{key}.device")
+        for name, entry in self.models.items():
+            _check_name(name, f"{key}.models.{name}")
+            entry.check(f"{key}.models.{name}")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig(_Section):
+    """How blocks behave at the slot they run at (the analysis stage)."""
+    models: list[str] = field(default_factory=list)  # model directories analysed
+    block: int = 0                   # the block whose output is projected, run at every slot
+    projection: Literal["umap", "pca"] = "pca"
+    num_images: int = 200            # test images (a seeded subset) for the projection
+    num_orders: int = 20             # random orders the per-slot contribution averages over
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+
+    def check(self, key: str) -> None:
+        _require(self.block >= 0, f"{key}.block", "must be >= 0", self.block)
+        for name in ("num_images", "num_orders", "batch_size"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1",
+                     getattr(self, name))
+        check_device(self.device, f"{key}.device")
+
+
+@dataclass(frozen=True)
 class MlflowConfig(_Section):
     experiment: str = "anyorder"
     # null: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` at the project root.
@@ -497,6 +595,9 @@ class Settings(_Section):
     register: RegisterConfig = field(default_factory=RegisterConfig)
     nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def check(self) -> None:
@@ -510,6 +611,9 @@ class Settings(_Section):
         self.register.check("register", self.export.models)
         self.nullspace.check("nullspace")
         self.robustness.check("robustness")
+        self.pruning.check("pruning")
+        self.merge.check("merge")
+        self.analysis.check("analysis")
 
     def restrict_to(self, declared: list[str], stage: str) -> "Settings":
         """From now on, reading a key outside `declared` (dotted prefixes) raises

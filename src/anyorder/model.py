@@ -188,7 +188,7 @@ class AnyOrderViT(nn.Module):
         position_logits: list[torch.Tensor] = []
         if order.dim() == 1:
             for slot, block_index in enumerate(order.tolist()):
-                tokens = self._run_block(tokens, block_index, slot)
+                tokens = self.run_block(tokens, block_index, slot)
                 if self.variant == "ls_pred":
                     position_logits.append(self.position_heads[block_index](tokens))
             return tokens, position_logits
@@ -202,7 +202,7 @@ class AnyOrderViT(nn.Module):
             slot_logits: Optional[torch.Tensor] = None
             for block_index in column.unique().tolist():
                 rows = (column == block_index).nonzero(as_tuple=True)[0]
-                out = self._run_block(tokens[rows], block_index, slot)
+                out = self.run_block(tokens[rows], block_index, slot)
                 if new_tokens is None:
                     new_tokens = out.new_empty((batch, *out.shape[1:]))
                 new_tokens[rows] = out
@@ -216,7 +216,8 @@ class AnyOrderViT(nn.Module):
                 position_logits.append(slot_logits)
         return tokens, position_logits
 
-    def _run_block(self, tokens: torch.Tensor, block_index: int, slot: int) -> torch.Tensor:
+    def run_block(self, tokens: torch.Tensor, block_index: int, slot: int) -> torch.Tensor:
+        """One block at one execution slot (the slot matters to LS-pos only)."""
         if self.variant == "ls_pos":
             tokens = self.slot_adapters[block_index](tokens, self.slot_table[slot])
         return self.vit.blocks[block_index](tokens)
@@ -264,6 +265,17 @@ class AnyOrderViT(nn.Module):
             raise ValueError(f"execution order has {order.shape[-1]} slots, the model has "
                              f"{self.depth} blocks")
         return order
+
+    def block_state_prefixes(self, block_index: int) -> tuple[str, ...]:
+        """The state-dict prefixes of everything that belongs to one block and moves with it
+        when blocks are merged: the timm block, and its LS-pos adapter or LS-pred head. The rest
+        (stem, final norm, head, the shared LS-pos slot table) belongs to the model."""
+        prefixes = [f"vit.blocks.{block_index}."]
+        if self.variant == "ls_pos":
+            prefixes.append(f"slot_adapters.{block_index}.")
+        if self.variant == "ls_pred":
+            prefixes.append(f"position_heads.{block_index}.")
+        return tuple(prefixes)
 
     def prune_layers(self, keep: Sequence[int]) -> list[int]:
         """The sequential order restricted to the blocks in `keep` (for test-time pruning)."""
@@ -326,9 +338,10 @@ def model_spec(model: ModelConfig, image_size: int, class_names: Sequence[str],
 
 
 def variant_spec(base: ModelSpec, run: FinetuneRun) -> ModelSpec:
-    """The spec of a fine-tune run: its start model's spec with the run's variant (and knobs)."""
+    """The spec of a fine-tune run: its start model's spec with the run's variant (and knobs);
+    `depth` set = a shallower model that keeps the start model's first `depth` blocks."""
     width = run.knob("position_embedding_dim")
-    return dataclasses.replace(base, variant=run.variant,
+    return dataclasses.replace(base, variant=run.variant, depth=run.depth or base.depth,
                                position_embedding_dim=width or base.position_embedding_dim)
 
 

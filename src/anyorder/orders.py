@@ -15,6 +15,7 @@ import torch
 # STREAM_NOISE: nullspace noise synthesis at the start of an epoch (batches, start, orders).
 STREAM_BATCHES, STREAM_ORDERS, STREAM_AUGMENT, STREAM_VALIDATION, STREAM_GLOBAL = 0, 1, 2, 3, 4
 STREAM_NOISE = 5
+STREAM_PRUNING = 6  # the subsets (and their orders) of a pruning curve, one generator per k
 
 
 def generator_for(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generator:
@@ -23,32 +24,59 @@ def generator_for(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generator
     return torch.Generator().manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
-class OrderSampler:
-    """Draws execution orders for training: sequential, one permutation per batch, or per sample."""
+def layerdrop_rates(depth: int, rate: float, schedule: str = "uniform") -> list[float]:
+    """LayerDrop's skip probability per execution slot: `rate` everywhere ("uniform", as Fan et
+    al.), or growing with the slot, rate * (s + 1) / depth ("linear", as stochastic depth). The
+    rate follows the slot a block runs at, never the block's index."""
+    if schedule == "uniform":
+        return [float(rate)] * depth
+    if schedule == "linear":
+        return [float(rate) * (slot + 1) / depth for slot in range(depth)]
+    raise ValueError(f"unknown LayerDrop schedule {schedule!r} (uniform, linear)")
 
-    def __init__(self, depth: int, shuffle: bool, per_sample: bool = False):
+
+class OrderSampler:
+    """Draws execution orders for training: sequential, one permutation per batch, or per sample;
+    with `drop_rates` (LayerDrop, shared orders only), the block at slot s is then skipped with
+    probability drop_rates[s] (at least one block always runs)."""
+
+    def __init__(self, depth: int, shuffle: bool, per_sample: bool = False,
+                 drop_rates: Optional[list[float]] = None):
+        if drop_rates is not None and (per_sample or len(drop_rates) != depth):
+            raise ValueError("LayerDrop needs one rate per slot and orders shared by the batch")
         self.depth = depth
         self.shuffle = shuffle
         self.per_sample = per_sample
+        self.drop_rates = torch.tensor(drop_rates) if drop_rates and max(drop_rates) > 0 else None
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """A (depth,) order shared by the batch, or (batch_size, depth) orders, one per sample."""
+        """A (k,) order shared by the batch, or (batch_size, depth) orders, one per sample."""
         if not self.shuffle:
-            return torch.arange(self.depth)
-        if self.per_sample:
+            order = torch.arange(self.depth)
+        elif self.per_sample:
             return torch.argsort(torch.rand(batch_size, self.depth, generator=generator), dim=1)
-        return torch.randperm(self.depth, generator=generator)
+        else:
+            order = torch.randperm(self.depth, generator=generator)
+        if self.drop_rates is None:
+            return order
+        draws = torch.rand(self.depth, generator=generator)
+        keep = draws >= self.drop_rates
+        if not keep.any():  # never an empty model: keep the slot that came closest to staying
+            keep[torch.argmax(draws - self.drop_rates)] = True
+        return order[keep]
 
 
 def epoch_orders(seed: int, epoch: int, num_train: int, batch_size: int, depth: int,
-                 shuffle: bool, per_sample: bool) -> list[torch.Tensor]:
+                 shuffle: bool, per_sample: bool, drop_rates: Optional[list[float]] = None
+                 ) -> list[torch.Tensor]:
     """The execution order of every training step of one epoch, as `train_model` draws them:
-    a (depth,) order per step, or (batch, depth) orders per step with `per_sample`.
+    a (depth,) order per step (shorter with LayerDrop's `drop_rates`), or (batch, depth) orders
+    per step with `per_sample`.
 
     This is the one place orders are drawn, so the orders of any run can be regenerated from
     its seed and settings (recorded in `train_orders.json` beside every model).
     """
-    sampler = OrderSampler(depth, shuffle, per_sample)
+    sampler = OrderSampler(depth, shuffle, per_sample, drop_rates)
     generator = generator_for(seed, epoch, STREAM_ORDERS)
     sizes = [min(batch_size, num_train - start) for start in range(0, num_train, batch_size)]
     return [sampler.sample(size, generator) for size in sizes]

@@ -84,13 +84,15 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 on_epoch_end: Optional[Callable[[int, dict, float], None]] = None,
                 progress: bool = True, order_sampling: str = "batch",
                 position_loss_weight: float = 1.0,
-                epoch_noise: Optional[Callable[[AnyOrderViT, torch.Generator], tuple]] = None
-                ) -> TrainResult:
+                epoch_noise: Optional[Callable[[AnyOrderViT, torch.Generator], tuple]] = None,
+                layerdrop: Optional[list[float]] = None) -> TrainResult:
     """Train `model` in place on uint8 images; return the per-epoch history.
 
     Sequential variants train in order 0..L-1; LayerShuffle variants in a random order per batch
     (or per sample: `order_sampling="sample"`); LS-pred adds `position_loss_weight` x the slot
-    cross-entropy. `on_epoch_end(epoch, record, seconds)` runs after the epoch's state is saved
+    cross-entropy. `layerdrop` (one skip probability per execution slot,
+    `anyorder.orders.layerdrop_rates`) skips blocks for a whole batch, keeping the order of the
+    rest (LayerDrop). `on_epoch_end(epoch, record, seconds)` runs after the epoch's state is saved
     (logging, tests that kill the process). Raises TrainingDiverged on a NaN/inf loss.
 
     `epoch_noise(model, generator)` (nullspace fine-tuning, `anyorder.nullspace.epoch_noise`):
@@ -106,8 +108,8 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     shuffle = SHUFFLED_TRAINING[model.variant]
     per_sample = order_sampling == "sample"
-    fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra,
-                               order_sampling, position_loss_weight, epoch_noise is not None)
+    fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra + json.dumps(
+        {"layerdrop": layerdrop}), order_sampling, position_loss_weight, epoch_noise is not None)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -132,7 +134,7 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
         permutation = torch.randperm(len(images), generator=generator_for(seed, epoch, STREAM_BATCHES))
         augment_gen = generator_for(seed, epoch, STREAM_AUGMENT)
         orders = epoch_orders(seed, epoch, len(images), cfg.batch_size, model.depth, shuffle,
-                              per_sample)
+                              per_sample, layerdrop)
         totals = {"loss": 0.0, "position_loss": 0.0, "noisy_loss": 0.0, "correct": 0, "seen": 0}
         noise, noise_record = None, {}
         if epoch_noise is not None:
@@ -151,7 +153,7 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 batch = random_shift(batch, cfg.shift_pixels, augment_gen)
                 targets = labels[index].to(device)
                 order = orders[step]
-                if shuffle and order.dim() == 1:
+                if (shuffle or layerdrop) and order.dim() == 1:
                     result.orders.append(order.tolist())
                 with autocast:
                     out = model.forward_detailed(batch, order)
@@ -224,7 +226,8 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
                    fingerprint_extra: str = "",
                    on_epoch_end: Optional[Callable[[int, dict, float], None]] = None,
                    epoch_noise: Optional[Callable[[AnyOrderViT, torch.Generator], tuple]] = None,
-                   info: Optional[dict] = None) -> TrainResult:
+                   info: Optional[dict] = None, layerdrop: Optional[list[float]] = None
+                   ) -> TrainResult:
     """Train on a prepared data set (train split; val for the per-epoch check), then write
     `out_dir`: the model (`model.safetensors` + `model.json` with the spec and the training
     settings) and `train_orders.json` (the orders used, or how to regenerate per-sample ones).
@@ -234,15 +237,16 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
     result = train_model(model, train_data, val_data, cfg, seed, state_dir=state_dir,
                          fingerprint_extra=fingerprint_extra, on_epoch_end=on_epoch_end,
                          order_sampling=order_sampling, position_loss_weight=position_loss_weight,
-                         epoch_noise=epoch_noise)
+                         epoch_noise=epoch_noise, layerdrop=layerdrop)
     training = {"config": asdict(cfg), "seed": seed, "order_sampling": order_sampling,
-                "position_loss_weight": position_loss_weight, **(info or {}),
+                "position_loss_weight": position_loss_weight, "layerdrop": layerdrop,
+                **(info or {}),
                 "final": result.history[-1]}
     save_model(model, out_dir, {"training": training})
     recipe = {"seed": seed, "order_sampling": order_sampling,
               "shuffled": SHUFFLED_TRAINING[model.variant], "epochs": cfg.epochs,
               "num_train": int(len(train_data[1])), "batch_size": cfg.batch_size,
-              "depth": model.depth}
+              "depth": model.depth, "layerdrop": layerdrop}
     if order_sampling == "sample" and SHUFFLED_TRAINING[model.variant]:
         # One order per sample per step is too much to list; regenerate it exactly with
         # anyorder.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).

@@ -1,0 +1,374 @@
+"""Merging (recipes, generators, the merged checkpoint), pruning, LayerDrop, shallow models and
+the analysis, on tiny models."""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model, tiny_spec
+from anyorder.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
+                               slot_separation)
+from anyorder.checkpoint import load_model, save_model, tensors_digest
+from anyorder.config import ConfigError, FinetuneRun, TrainConfig, settings_from_dict
+from anyorder.evaluate import accuracy_for_orders, evaluate_orders
+from anyorder.export import check_export, export_model
+from anyorder.merge import (GENERATORS, MergeContext, MergeError, Recipe, Scorer,
+                            check_compatible, merge_models)
+from anyorder.model import variant_spec
+from anyorder.orders import OrderSampler, epoch_orders, layerdrop_rates
+from anyorder.pruning import kept_fraction, pruning_curve, pruning_plan
+from anyorder.summary import merge_summary, pruning_rows, report_markdown
+from anyorder.train import train_model
+
+
+def perturbed(variant="ls", seed=1, scale=0.05, **kw):
+    """A tiny model whose weights differ from tiny_model(variant, seed=0) by small noise: a
+    stand-in for a fine-tune of the same start."""
+    model = tiny_model(variant, seed=0, **kw)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def save_sources(tmp_path, models: dict) -> dict[str, str]:
+    out = {}
+    for name, model in models.items():
+        save_model(model, tmp_path / name)
+        out[name] = str(tmp_path / name)
+    return out
+
+
+# -- recipes -------------------------------------------------------------------------------------
+
+def test_a_recipe_round_trips_through_yaml(tmp_path):
+    recipe = Recipe("a", {"a": "models/finetune/a", "b": "models/finetune/b"},
+                    [("a", 0), ("b", 1), ("b", 2), ("a", 3)], "random", 7)
+    recipe.save(tmp_path / "r.yaml")
+    again = Recipe.load(tmp_path / "r.yaml")
+    assert again == recipe and again.to_yaml() == recipe.to_yaml()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"base": "c", "sources": {"a": "x"}, "slots": [{"source": "a", "block": 0}]},
+     "recipe.base: 'c' is not one of the sources"),
+    ({"base": "a", "sources": {"a": "x"}, "slots": [{"source": "b", "block": 0}]},
+     "recipe.slots[0].source: 'b'"),
+    ({"base": "a", "sources": {"a": "x"}, "slots": [{"source": "a", "block": -1}]},
+     "recipe.slots[0].block: must be a block index >= 0"),
+    ({"base": "a", "sources": {"a": "x"}, "slots": []}, "recipe.slots: must list"),
+    ({"base": "a", "sources": {"a": "x"}, "slots": [{"source": "a", "block": 0}], "extra": 1},
+     "unknown key 'extra'"),
+    ({"base": "a", "sources": {"a": "x"}, "slots": [{"source": "a", "block": 0}],
+      "generator": "soup"}, "recipe.generator: unknown 'soup'"),
+])
+def test_a_malformed_recipe_is_refused_naming_the_field(raw, message):
+    with pytest.raises(MergeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Recipe.from_dict(raw)
+
+
+# -- merging -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["ls", "ls_pos", "ls_pred"])
+def test_a_merge_of_identical_sources_is_the_source_bit_for_bit(variant, tmp_path):
+    source = perturbed(variant)
+    models = {"a": source, "b": load_model(save_sources(tmp_path, {"b": source})["b"])}
+    result = GENERATORS["random"](MergeContext({"a": "a", "b": "b"}, models, seed=3))
+    assert {s for s, _ in result.recipe.slots} == {"a", "b"}  # both sources were drawn
+    merged = merge_models(result.recipe, models)
+    assert tensors_digest(merged.state_dict()) == tensors_digest(source.state_dict())
+    save_model(merged, tmp_path / "merged")
+    save_model(source, tmp_path / "again")
+    assert (tmp_path / "merged/model.safetensors").read_bytes() == \
+        (tmp_path / "again/model.safetensors").read_bytes()
+
+
+def test_a_merged_block_carries_its_own_adapter_and_the_base_keeps_the_rest():
+    a, b = perturbed("ls_pos", seed=1), perturbed("ls_pos", seed=2)
+    recipe = Recipe("a", {"a": "", "b": ""}, [("a", 0), ("b", 1), ("a", 2), ("b", 3)])
+    merged = merge_models(recipe, {"a": a, "b": b}).state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    for key, value in merged.items():
+        from_b = any(key.startswith(p) for slot in (1, 3) for p in a.block_state_prefixes(slot))
+        assert torch.equal(value, (sb if from_b else sa)[key]), key
+    assert torch.equal(merged["slot_table"], sa["slot_table"])  # shared: from the base
+
+
+def test_blocks_move_to_the_slot_the_recipe_gives_them():
+    a, b = perturbed("ls", seed=1), perturbed("ls", seed=2)
+    recipe = Recipe("a", {"a": "", "b": ""}, [("b", 3), ("a", 0), ("a", 1), ("b", 0)])
+    merged = merge_models(recipe, {"a": a, "b": b})
+    for slot, (source, block) in enumerate(recipe.slots):
+        theirs = {"a": a, "b": b}[source].vit.blocks[block].state_dict()
+        for key, value in merged.vit.blocks[slot].state_dict().items():
+            assert torch.equal(value, theirs[key])
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(variant="sequential"), "variant"), (dict(embed_dim=48), "embed_dim"),
+    (dict(depth=3), "depth"), (dict(patch_size=8), "patch_size"),
+    (dict(num_classes=5, class_names=list("abcde")), "num_classes"),
+])
+def test_incompatible_sources_are_refused_naming_the_mismatch(change, field):
+    variant = change.pop("variant", "ls")
+    depth = change.pop("depth", 4)
+    a, b = tiny_model("ls"), tiny_model(variant, depth=depth, **change)
+    with pytest.raises(MergeError, match=f"sources a and b differ in {field}"):
+        check_compatible({"a": a.spec, "b": b.spec})
+    recipe = Recipe("a", {"a": "", "b": ""}, [("a", i) for i in range(4)])
+    with pytest.raises(MergeError, match=field):
+        merge_models(recipe, {"a": a, "b": b})
+
+
+def test_a_recipe_naming_a_block_the_source_lacks_is_refused():
+    a, b = perturbed("ls", 1), perturbed("ls", 2)
+    with pytest.raises(MergeError, match="b has no block 9"):
+        merge_models(Recipe("a", {"a": "", "b": ""}, [("a", 0), ("b", 9), ("a", 2), ("a", 3)]),
+                     {"a": a, "b": b})
+    with pytest.raises(MergeError, match="recipe has 2 slots, its sources have 4 blocks"):
+        merge_models(Recipe("a", {"a": "", "b": ""}, [("a", 0), ("b", 1)]), {"a": a, "b": b})
+
+
+def test_the_greedy_rule_never_accepts_a_slot_that_lowers_validation_accuracy(digits16):
+    models = {f"s{i}": perturbed("ls", seed=i, scale=0.3) for i in range(3)}
+    images, labels = digits16["val"]
+    scorer = Scorer(images, labels, num_orders=3, seed=0, batch_size=128)
+    result = GENERATORS["greedy"](MergeContext({n: n for n in models}, models, seed=0,
+                                               scorer=scorer))
+    steps = result.history[1:]
+    assert len(steps) == 4 * 2  # every slot, every other source
+    for step in steps:
+        assert step["accepted"] == (step["score"] >= step["previous"])
+    accepted = [result.history[0]["score"]] + [s["score"] for s in steps if s["accepted"]]
+    assert accepted == sorted(accepted)
+    assert any(not s["accepted"] for s in steps)  # the rule was put to the test
+    merged_score = scorer(merge_models(result.recipe, models))
+    assert merged_score == accepted[-1] >= max(result.source_scores.values())
+
+
+def test_the_random_generator_is_seeded():
+    models = {n: perturbed("ls", seed=i) for i, n in enumerate("abc")}
+    draw = lambda seed: GENERATORS["random"](MergeContext({n: n for n in models}, models,
+                                                          seed=seed)).recipe.slots
+    assert draw(5) == draw(5) and [b for _, b in draw(5)] == [0, 1, 2, 3]
+    assert any(draw(5) != draw(seed) for seed in range(6, 10))
+
+
+def test_a_merged_model_saves_evaluates_and_exports_like_any_other(tmp_path, digits16):
+    models = {"a": perturbed("ls", 1), "b": perturbed("ls", 2)}
+    recipe = Recipe("b", {"a": "", "b": ""}, [("a", 0), ("b", 1), ("a", 2), ("b", 3)])
+    save_model(merge_models(recipe, models), tmp_path / "merged", {"training": {"seed": 0}})
+    merged = load_model(tmp_path / "merged")
+    images, labels = digits16["test"]
+    evaluation = evaluate_orders(merged, images, labels, 3, 0)
+    assert evaluation["arbitrary"]["count"] == 3
+    export_model(merged, tmp_path / "export", "merged", 17, {"sequential": evaluation["sequential"]},
+                 checkpoint_dir=tmp_path / "merged")
+    assert check_export(merged, tmp_path / "export", 2, 0)["max_abs_error"] < 1e-4
+
+
+# -- evaluation that shares work -----------------------------------------------------------------
+
+def test_orders_sharing_a_prefix_share_its_blocks_and_give_the_same_accuracies(digits16,
+                                                                               monkeypatch):
+    model = perturbed("ls_pos", seed=1, scale=0.3)  # slot-dependent: a wrong slot would show
+    images, labels = digits16["test"]
+    orders = [[0, 1, 2, 3], [0, 1, 3], [3, 2, 1, 0], [0, 1, 3, 2], None, [2]]
+    expected = []
+    with torch.no_grad():
+        for order in orders:
+            logits = model(torch.as_tensor(normalised(model, images)), order)
+            expected.append(float((logits.argmax(1).numpy() == labels).mean()))
+    calls = []
+    original = model.run_block
+    monkeypatch.setattr(model, "run_block",
+                        lambda t, b, s: calls.append((b, s)) or original(t, b, s))
+    assert accuracy_for_orders(model, images, labels, orders, batch_size=1000) == expected
+    naive = sum(len(o) if o else 4 for o in orders)
+    assert len(calls) < naive  # [0,1,...] prefixes computed once
+    # sorted walk: 0123 (4 calls), None = 0123 (0), 013 (+1), 0132 (+1), 2 (1), 3210 (4)
+    assert len(calls) == 4 + 0 + 1 + 1 + 1 + 4
+
+
+def normalised(model, images):
+    from anyorder.tensors import to_model_input
+    return to_model_input(images, model.spec, torch.device("cpu")).numpy()
+
+
+# -- pruning -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_the_pruning_plan_removes_exactly_k_blocks(shuffled):
+    plan = pruning_plan(6, 12, seed=4, shuffled=shuffled)
+    assert sorted(plan) == list(range(6))
+    for removed, orders in plan.items():
+        total = math.comb(6, 6 - removed)
+        assert len(orders) == (min(12, total * math.factorial(6 - removed)) if shuffled
+                               else min(12, total))
+        assert len({tuple(o) for o in orders}) == len(orders)  # distinct
+        for order in orders:
+            assert len(order) == len(set(order)) == 6 - removed
+            assert shuffled or order == sorted(order)
+    assert plan == pruning_plan(6, 12, seed=4, shuffled=shuffled)  # seeded
+    if shuffled:  # kept blocks in random orders, not always sorted
+        assert any(o != sorted(o) for o in plan[2])
+
+
+def test_pruning_runs_exactly_the_blocks_it_reports(digits16, monkeypatch):
+    model = perturbed("ls", seed=1, scale=0.3)
+    images, labels = digits16["test"]
+    result = pruning_curve(model, images, labels, subsets=5, seed=0)
+    for evaluation in result["evaluations"]:
+        order = evaluation["order"]
+        assert len(set(range(4)) - set(order)) == evaluation["removed"]
+        ran = []
+        original = model.run_block
+        monkeypatch.setattr(model, "run_block",
+                            lambda t, b, s: ran.append((b, s)) or original(t, b, s))
+        accuracy = accuracy_for_orders(model, images, labels, [order], batch_size=1000)[0]
+        monkeypatch.undo()
+        assert ran == [(b, s) for s, b in enumerate(order)]
+        assert accuracy == evaluation["accuracy"]
+    assert [row["kept"] for row in result["curve"]] == [4, 3, 2, 1]
+    single = result["single_block"]
+    assert single["most_harmful"]["accuracy"] == min(single["per_block"].values())
+    assert single["least_harmful"]["accuracy"] == max(single["per_block"].values())
+    assert 0 < kept_fraction(result, 1) <= 1.5
+
+
+# -- LayerDrop and shallow models ----------------------------------------------------------------
+
+def test_layerdrop_rates_follow_the_slot():
+    assert layerdrop_rates(4, 0.2) == [0.2] * 4
+    assert layerdrop_rates(4, 0.4, "linear") == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="unknown LayerDrop schedule"):
+        layerdrop_rates(4, 0.2, "cosine")
+
+
+def test_layerdrop_skips_blocks_by_slot_and_keeps_the_order():
+    generator = torch.Generator().manual_seed(0)
+    sampler = OrderSampler(8, shuffle=False, drop_rates=[0.0] * 4 + [0.9] * 4)
+    orders = [sampler.sample(16, generator).tolist() for _ in range(300)]
+    assert all(o == sorted(o) and o[:4] == [0, 1, 2, 3] for o in orders)  # slots 0-3 never drop
+    late = np.mean([len(o) - 4 for o in orders]) / 4
+    assert 0.05 < late < 0.2  # slots 4-7 kept about 10% of the time
+    # shuffled: the rate belongs to the slot, whatever block runs there
+    sampler = OrderSampler(4, shuffle=True, drop_rates=[0.0, 0.0, 0.0, 1.0])
+    assert all(len(sampler.sample(1, generator)) == 3 for _ in range(50))
+    # never an empty model
+    assert all(len(OrderSampler(3, False, drop_rates=[1.0] * 3).sample(1, generator)) == 1
+               for _ in range(20))
+    # no rate: the orders are those drawn without LayerDrop
+    assert [o.tolist() for o in epoch_orders(1, 0, 100, 32, 4, True, False, [0.0] * 4)] == \
+        [o.tolist() for o in epoch_orders(1, 0, 100, 32, 4, True, False)]
+
+
+def test_layerdrop_training_runs_shortened_orders_and_records_them(digits16):
+    model = tiny_model("sequential")
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3)
+    result = train_model(model, digits16["train"], digits16["val"], cfg, seed=0, progress=False,
+                         layerdrop=layerdrop_rates(4, 0.5))
+    assert len(result.orders) == math.ceil(len(digits16["train"][1]) / 64)
+    assert any(len(o) < 4 for o in result.orders)
+    assert all(o == sorted(o) for o in result.orders)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"variant": "ls", "layerdrop_rate": 1.0}, "layerdrop_rate: must be in \\[0, 1\\)"),
+    ({"variant": "ls", "layerdrop_rate": 0.2, "order_sampling": "sample"},
+     "layerdrop_rate: needs order_sampling: batch"),
+    ({"variant": "ls", "layerdrop_schedule": "linear"},
+     "layerdrop_schedule: has no effect without layerdrop_rate"),
+    ({"variant": "sequential", "depth": 0}, "depth: must be >= 1"),
+])
+def test_bad_baseline_knobs_are_refused_naming_the_key(entry, message):
+    with pytest.raises(ConfigError, match=f"finetune.runs.x.{message}"):
+        settings_from_dict({"finetune": {"runs": {"x": entry}}})
+
+
+def test_a_shallow_run_keeps_the_first_blocks_of_its_start():
+    base = tiny_spec("sequential", depth=4)
+    spec = variant_spec(base, FinetuneRun(variant="sequential", depth=2))
+    assert spec.depth == 2 and variant_spec(base, FinetuneRun()).depth == 4
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"generator": "random", "sources": ["models/finetune/a"]}, "needs at least two"),
+    ({"generator": "random", "sources": ["x/a", "y/a"]}, "distinct names"),
+    ({"generator": "greedy", "sources": ["x/a", "x/b"], "base": "x/c"}, "base: must be one of"),
+    ({"generator": "manual"}, "recipe: the manual generator needs a recipe file"),
+    ({"generator": "random", "sources": ["x/a", "x/b"], "recipe": "r.yaml"},
+     "only the manual generator reads a recipe"),
+])
+def test_bad_merge_settings_are_refused_naming_the_key(entry, message):
+    with pytest.raises(ConfigError, match=f"merge.models.m.*{message}"):
+        settings_from_dict({"merge": {"models": {"m": entry}}})
+
+
+# -- analysis ------------------------------------------------------------------------------------
+
+def test_slot_confusion_counts_every_head_at_every_slot(digits16):
+    model = perturbed("ls_pred", seed=1)
+    images = digits16["test"][0][:20]
+    confusion = slot_confusion(model, images, num_orders=3, seed=0)
+    matrix = np.asarray(confusion["matrix"])
+    assert matrix.shape == (4, 4) and (matrix.sum(axis=1) == 3 * 20).all()
+    assert confusion["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    with pytest.raises(ValueError, match="ls_pred"):
+        slot_confusion(tiny_model("ls"), images, 1, 0)
+
+
+def test_slot_contribution_is_the_drop_when_a_slot_is_skipped(digits16):
+    model = perturbed("sequential", seed=1, scale=0.2)
+    images, labels = digits16["test"]
+    result = slot_contribution(model, images, labels, num_orders=5, seed=0)
+    full = accuracy_for_orders(model, images, labels, [None])[0]
+    for slot, drop in enumerate(result["drop_per_slot"]):
+        order = [b for b in range(4) if b != slot]
+        assert drop == pytest.approx(full - accuracy_for_orders(model, images, labels,
+                                                                [order])[0])
+    assert result["orders"] == "sequential" and result["num_orders"] == 1
+
+
+def test_block_outputs_are_projected_per_slot_deterministically(digits16):
+    model = perturbed("ls", seed=1)
+    images = digits16["test"][0][:12]
+    features, slots = block_outputs_by_slot(model, images, block=2, seed=0)
+    assert features.shape == (4 * 12, 32) and list(np.bincount(slots)) == [12] * 4
+    points = project(features)
+    assert points.shape == (48, 2) and np.array_equal(points, project(features))
+    assert 0 <= slot_separation(points, slots) <= 1
+    apart = np.concatenate([np.zeros((5, 2)), np.ones((5, 2))])
+    assert slot_separation(apart, np.array([0] * 5 + [1] * 5)) == pytest.approx(1.0)
+
+
+# -- the report's tables ---------------------------------------------------------------------------
+
+def test_the_report_page_holds_every_section_and_the_merge_comparison():
+    curve = lambda acc: {"variant": "ls", "curve": [{"removed": k, "kept": 4 - k, "mean": a, "std": 0.0,
+                                    "min": a, "max": a, "count": 1}
+                                   for k, a in enumerate(acc)]}
+    rows = pruning_rows({"seq": curve([0.9, 0.5, 0.3, 0.1]), "ls": curve([0.8, 0.76, 0.6, 0.3])},
+                        {"seq": "sequential", "ls": "layershuffle"})
+    assert {(r["model"], r["blocks_run"]) for r in rows} == set(
+        itertools.product(["seq", "ls"], [1, 2, 3, 4]))
+    runs = {name: {"arbitrary": {"mean": m, "min": m, "count": 50}} for name, m in
+            (("a", 0.9), ("b", 0.8), ("m", 0.86))}
+    card = {"generator": "random", "seed": 0, "sources": {"a": {}, "b": {}},
+            "recipe": {"slots": [{"source": "a", "block": 0}]},
+            "validation": {"merged": 0.9, "best_source": 0.91, "sources_mean": 0.88},
+            "test": {"arbitrary": runs["m"]["arbitrary"]}}
+    merges = merge_summary({"m": card}, runs)
+    assert merges["m"]["test_sources_mean"] == pytest.approx(0.85)
+    assert merges["m"]["test_merged_minus_sources_points"] == pytest.approx(1.0)
+    summary = {"runs": {"seq": {"variant": "sequential", "sequential": 0.9, "arbitrary_mean": 0.4,
+                                "arbitrary_min": 0.1, "depth": 4}}}
+    page = report_markdown(summary, rows, merges, None, "| robustness |\n",
+                           {"pruning": "../plots/pruning/pruning.png"})
+    for part in ("## Models", "## Pruning", "![pruning](../plots/pruning/pruning.png)",
+                 "## Frankenstein merges", "a:0", "## Robustness", "| robustness |"):
+        assert part in page
+    assert "| seq | sequential | 4 | 0.9000 | 0.4000 | 0.1000 | 0.5556 |" in page
