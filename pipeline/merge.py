@@ -58,10 +58,13 @@ def main() -> None:
     scorer = Scorer(val_images, val_labels, cfg.num_orders, cfg.order_seed, cfg.batch_size, device)
     context = MergeContext(sources, models, Path(entry.base).name if entry.base else None,
                            entry.seed, scorer, entry.recipe)
+    with user_errors():  # recipes that need no scoring (random, manual) are checked before compute
+        early = None if entry.generator == "greedy" else GENERATORS[entry.generator](context)
+        if early is not None:
+            merge_models(early.recipe, models)
     with track(stage) as mlflow:
-        with user_errors():  # a manual recipe may name blocks its sources do not have
-            result = GENERATORS[entry.generator](context)
-            merged = merge_models(result.recipe, models)
+        result = early or GENERATORS[entry.generator](context)
+        merged = merge_models(result.recipe, models)
         source_scores = result.source_scores or {s: scorer(m) for s, m in models.items()}
         merged_score = scorer(merged)
         card = {"name": name, "generator": entry.generator, "seed": entry.seed,

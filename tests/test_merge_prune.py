@@ -157,6 +157,16 @@ def test_the_random_generator_is_seeded():
     assert any(draw(5) != draw(seed) for seed in range(6, 10))
 
 
+def test_the_manual_generator_reads_a_recipe_file(tmp_path):
+    models = {"a": perturbed("ls", 1), "b": perturbed("ls", 2)}
+    recipe = Recipe("b", {"a": "x/a", "b": "x/b"}, [("b", 3), ("a", 2), ("b", 1), ("a", 0)])
+    recipe.save(tmp_path / "r.yaml")
+    result = GENERATORS["manual"](MergeContext({}, models, recipe_path=str(tmp_path / "r.yaml")))
+    assert result.recipe == recipe and merge_models(result.recipe, models).depth == 4
+    with pytest.raises(MergeError, match="needs a recipe file"):
+        GENERATORS["manual"](MergeContext({}, models))
+
+
 def test_a_merged_model_saves_evaluates_and_exports_like_any_other(tmp_path, digits16):
     models = {"a": perturbed("ls", 1), "b": perturbed("ls", 2)}
     recipe = Recipe("b", {"a": "", "b": ""}, [("a", 0), ("b", 1), ("a", 2), ("b", 3)])

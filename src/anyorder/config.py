@@ -421,10 +421,11 @@ class NullspaceConfig(TrainConfig):
     def check(self, key: str) -> None:
         super().check(key)
         self.synthesis.check(f"{key}.synthesis")
-        for name, arm in list(self.arms.items()) + list(self.study_arms.items()):
-            _check_name(name, f"{key}.arms.{name}")
-            _require(bool(arm.start.strip()), f"{key}.arms.{name}.start",
-                     "must name a model directory the pipeline writes", arm.start)
+        for section, arms in (("arms", self.arms), ("study_arms", self.study_arms)):
+            for name, arm in arms.items():
+                _check_name(name, f"{key}.{section}.{name}")
+                _require(bool(arm.start.strip()), f"{key}.{section}.{name}.start",
+                         "must name a model directory the pipeline writes", arm.start)
 
 
 @dataclass(frozen=True)
@@ -502,7 +503,7 @@ class RobustnessConfig(_Section):
 
 @dataclass(frozen=True)
 class PruningConfig(_Section):
-    """Test-time pruning curves of every model (evaluate@<run>, merge@<name>, nullspace@<arm>)."""
+    """Test-time pruning curves of every evaluated model (evaluate@<run>, merge@<name>)."""
     subsets: int = 20                # seeded kept-block choices (and orders) per number removed
     seed: int = 99
     batch_size: int = 256
