@@ -4,19 +4,19 @@ over the evaluate stage's seeded random orders (metrics/evaluate/<name>.json, pl
 exactly like a fine-tuned one, on the same orders."""
 from __future__ import annotations
 
-from _stage import METRICS, PLOTS, PREPARED
+from _stage import METRICS, PLOTS
 
-from anyorder.data import load_split
 from anyorder.evaluate import evaluate_orders
 from anyorder.files import atomic_write_csv, atomic_write_json
 from anyorder.pruning import pruning_curve
 
 
-def evaluate_and_prune(settings, model, name: str, seed, device, pruning_device, mlflow,
+def evaluate_and_prune(settings, model, name: str, seed, test, device, pruning_device, mlflow,
                        extra: dict | None = None) -> tuple[dict, dict]:
-    """Write the model's order evaluation and pruning curve; log both to MLflow."""
+    """Write the model's order evaluation and pruning curve on `test` (images, labels: the
+    test split the stage loaded before any compute); log both to MLflow."""
     cfg, prune = settings.evaluate, settings.pruning
-    images, labels = load_split(PREPARED, "test")
+    images, labels = test
     result = evaluate_orders(model, images, labels, cfg.num_orders, cfg.order_seed,
                              cfg.batch_size, device)
     metrics = {"run": name, "variant": model.variant, "seed": seed, **(extra or {}), **result}

@@ -25,13 +25,13 @@ def main() -> None:
         robustness_device = resolve_device(stage.settings.robustness.device, "robustness.device")
         check_synthesis(stage.settings)
         load_corrupted(stage.settings)
-        load_split(PREPARED, "test")
+        test = load_split(PREPARED, "test")
     model_dir = FINETUNED / run_name
     model = load_model(model_dir)
     trained = json.loads((model_dir / SPEC).read_text())["training"]
     with track(stage) as mlflow:
         result, pruning = evaluate_and_prune(stage.settings, model, run_name, trained["seed"],
-                                             device, pruning_device, mlflow)
+                                             test, device, pruning_device, mlflow)
         robust = evaluate_and_write(stage.settings, model, run_name, robustness_device, mlflow)
     arbitrary = result["arbitrary"]
     print(f"{stage.name}: sequential {result['sequential']:.4f}, arbitrary mean "

@@ -15,9 +15,9 @@ from _stage import MERGED, METRICS, PREPARED, begin, declared, fail, track, user
 
 from anyorder.checkpoint import WEIGHTS, load_model, save_model
 from anyorder.data import load_split
-from anyorder.files import atomic_directory, atomic_write_json
+from anyorder.files import atomic_directory, atomic_write_json, sha256_file
 from anyorder.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,
-                            file_sha256, merge_models)
+                            merge_models)
 from anyorder.tensors import resolve_device
 
 
@@ -55,6 +55,7 @@ def main() -> None:
         models = {source: load_model(path) for source, path in sources.items()}
         check_compatible({source: model.spec for source, model in models.items()})
         val_images, val_labels = load_split(PREPARED, "val")
+        test = load_split(PREPARED, "test")
     scorer = Scorer(val_images, val_labels, cfg.num_orders, cfg.order_seed, cfg.batch_size, device)
     context = MergeContext(sources, models, Path(entry.base).name if entry.base else None,
                            entry.seed, scorer, entry.recipe)
@@ -69,7 +70,7 @@ def main() -> None:
         merged_score = scorer(merged)
         card = {"name": name, "generator": entry.generator, "seed": entry.seed,
                 "recipe": result.recipe.to_dict(),
-                "sources": {s: {"path": p, "sha256": file_sha256(Path(p) / WEIGHTS)}
+                "sources": {s: {"path": p, "sha256": sha256_file(Path(p) / WEIGHTS)}
                             for s, p in sources.items()},
                 "validation": {"split": "val", "mode": scorer.mode(merged),
                                "num_orders": cfg.num_orders, "order_seed": cfg.order_seed,
@@ -83,8 +84,8 @@ def main() -> None:
             result.recipe.save(out / "recipe.yaml")
             atomic_write_json(out / "merge.json", card)
         evaluation, pruning = evaluate_and_prune(
-            stage.settings, merged, name, entry.seed, evaluate_device, pruning_device, mlflow,
-            extra={"merged_from": list(sources)})
+            stage.settings, merged, name, entry.seed, test, evaluate_device, pruning_device,
+            mlflow, extra={"merged_from": list(sources)})
         card["test"] = {"sequential": evaluation["sequential"], "arbitrary": evaluation["arbitrary"],
                         "pruning_curve": pruning["curve"]}
         atomic_write_json(METRICS / "merge" / f"{name}.json", card)

@@ -18,8 +18,8 @@ from anyorder.merge import (GENERATORS, MergeContext, MergeError, Recipe, Scorer
                             check_compatible, merge_models)
 from anyorder.model import variant_spec
 from anyorder.orders import OrderSampler, epoch_orders, layerdrop_rates
-from anyorder.pruning import kept_fraction, pruning_curve, pruning_plan
-from anyorder.summary import merge_summary, pruning_rows, report_markdown
+from anyorder.pruning import pruning_curve, pruning_plan
+from anyorder.summary import kept_at, merge_summary, pruning_rows, report_markdown
 from anyorder.train import train_model
 
 
@@ -246,7 +246,8 @@ def test_pruning_runs_exactly_the_blocks_it_reports(digits16, monkeypatch):
     single = result["single_block"]
     assert single["most_harmful"]["accuracy"] == min(single["per_block"].values())
     assert single["least_harmful"]["accuracy"] == max(single["per_block"].values())
-    assert 0 < kept_fraction(result, 1) <= 1.5
+    rows = pruning_rows({"m": result}, {"m": "layershuffle"})
+    assert 0 < kept_at(rows, "m", 3) <= 1.5  # one block removed, against unpruned
 
 
 # -- LayerDrop and shallow models ----------------------------------------------------------------

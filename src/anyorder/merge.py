@@ -16,7 +16,6 @@ Recipe generators, by name (`GENERATORS`), as mergekit and model soups describe 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -157,14 +156,6 @@ def merge_models(recipe: Recipe, models: dict[str, AnyOrderViT]) -> AnyOrderViT:
     merged = build_model(ModelSpec.from_dict(base.spec.to_dict()), seed=0)
     merged.load_state_dict({k: v.clone() for k, v in state.items()})
     return merged
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- scoring and generators ----------------------------------------------------------------------

@@ -102,8 +102,3 @@ def pruning_curve(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, su
             "least_harmful": {"block": int(best), "accuracy": per_block[best]}}
     return result
 
-
-def kept_fraction(result: dict, removed: int) -> float:
-    """Mean accuracy with `removed` blocks removed, as a fraction of the unpruned mean."""
-    curve = {row["removed"]: row["mean"] for row in result["curve"]}
-    return curve[removed] / curve[0] if curve[0] else float("nan")
