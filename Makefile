@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # machine has no internet and nothing may hang on it). It is defined once, in pipeline/env.py.
 QUIET = $(PY) pipeline/env.py
 
-.PHONY: setup run study test test-fast mlflow-ui serve trigger flow-run
+.PHONY: setup run study test test-fast mlflow-ui serve trigger flow-run serve-model cluster bench-serving
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(QUIET) $(PY) -m pip install -q --upgrade pip
-	$(QUIET) $(PY) -m pip install -q -c requirements.lock -e '.[pipeline,test]'
+	$(QUIET) $(PY) -m pip install -q -c requirements.lock -e '.[pipeline,serve,test]'
 	$(PY) -c "import torch, torchvision, timm, onnx, onnxruntime, dvc, mlflow, prefect; print('setup ok: torch', torch.__version__, 'timm', timm.__version__)"
 	touch $@
 
@@ -57,3 +57,20 @@ trigger: setup
 
 flow-run: setup
 	$(QUIET) $(PY) pipeline/flow.py run $(foreach s,$(S),-S "$(s)")
+
+# --- Serving the model (anyorder.serving; README, Serving) ---
+# `make serve-model`: the HTTP service on http://127.0.0.1:8000 for MODEL (an export directory or
+# models:/<name>@champion). `make cluster`: the same service with the blocks on WORKERS worker
+# processes (2 hosts per block) on loopback. Ctrl-C stops either.
+MODEL ?= exports/ls_best
+WORKERS ?= 4
+PORT ?= 8000
+serve-model: setup
+	$(QUIET) $(VENV)/bin/anyorder-serve $(MODEL) --port $(PORT)
+
+cluster: setup
+	$(QUIET) $(VENV)/bin/anyorder-cluster $(MODEL) --workers $(WORKERS) --port $(PORT)
+
+# The serving benchmark (per-hop overhead, load tests): bench/results/serving.json, ~3 min.
+bench-serving: setup
+	$(QUIET) $(PY) bench/serving_bench.py

@@ -160,7 +160,7 @@ class BlockRuntime:
         if provider not in PROVIDERS:
             raise ExportError(f"provider {provider!r}: use {' or '.join(PROVIDERS)}")
         self.depth = int(self.manifest["depth"])
-        self._check_exclude(exclude)
+        self.check_exclude(exclude)
         files = self._verified_files()  # every hash, before any session
         self.threads = threads
         self.missing: dict[int, str] = {i: "excluded by the caller" for i in exclude}
@@ -241,7 +241,8 @@ class BlockRuntime:
                     f"{str(exc).splitlines()[0][:300]}") from None
             raise
 
-    def _check_exclude(self, exclude: Sequence[int]) -> set[int]:
+    def check_exclude(self, exclude: Sequence[int]) -> set[int]:
+        """Block indices to treat as missing -> a set; ExportError naming any unknown one."""
         excluded = {int(i) for i in exclude}
         bad = sorted(excluded - set(range(self.depth)))
         if bad:
@@ -276,7 +277,7 @@ class BlockRuntime:
         `exclude` treated as missing for this call; raises before compute."""
         policy = Policy.parse(policy)
         requested = self.requested_order(order, seed)
-        excluded = self._check_exclude(exclude)
+        excluded = self.check_exclude(exclude)
         executed = [i for i in requested if i in self.blocks and i not in excluded]
         skipped = [i for i in requested if i not in executed]
         policy.check(executed, skipped)
@@ -311,7 +312,7 @@ class BlockRuntime:
         """Normalised float32 images (N, 3, H, W) -> logits, through stem, the blocks of `order`
         that are available and not in `exclude` (see `plan`), head. Raises ExportError /
         MissingBlocksError before any compute."""
-        images = self._check_normalised(images)
+        images = self.check_normalised(images)
         requested, executed, skipped = self.plan(order, seed, policy, exclude)
         key = tuple(executed)
         session = self._composed_session(key)
@@ -326,7 +327,9 @@ class BlockRuntime:
             logits = self.head.run(None, {"tokens": tokens})[0]
         return RunResult(logits, executed, skipped, requested)
 
-    def _check_normalised(self, images: np.ndarray) -> np.ndarray:
+    def check_normalised(self, images: np.ndarray) -> np.ndarray:
+        """Normalised images (N, 3, H, W) -> contiguous float32; ExportError on a wrong shape,
+        an empty batch or non-finite values."""
         images = np.asarray(images)
         size = int(self.manifest["image_size"])
         if images.ndim != 4 or images.shape[1:] != (3, size, size):
