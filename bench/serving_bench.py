@@ -19,7 +19,8 @@ seed, policy `skip`, deadline 10 s, against
 - service_local:    anyorder-serve on the export (blocks in-process, one inference at a time,
                     --compose-cache 0: random orders rarely recur);
 - cluster:          anyorder-serve --cluster + `--workers` worker processes, 2 replicas per block;
-- cluster_kill:     the same, one worker SIGKILLed (not restarted) after a quarter of the requests.
+- cluster_kill:     the same, one worker SIGKILLed (not restarted) after a quarter of the requests;
+- cluster_kill_no_replica: one host per block, one worker killed likewise: its blocks are skipped.
 Reported per scenario: throughput (requests/s), p50/p99 latency, failed requests (any non-200),
 and for the cluster the blocks skipped. Everything (the load generator too) shares this machine's
 cores: figures are for one box, not a cluster.
@@ -160,12 +161,12 @@ async def load(url: str, model: str, images: np.ndarray, requests: int, concurre
             "failed": failures, "blocks_skipped": skipped}
 
 
-def start_cluster(export: Path, workers: int) -> tuple[list, str, list]:
+def start_cluster(export: Path, workers: int, replicas: int) -> tuple[list, str, list]:
     service, url = launch(SERVICE + [str(export), "--cluster", "--port", "0", "--threads", "1",
                                      "--hop-timeout-ms", "1000"])
     depth = int(read_manifest(export)["depth"])
     processes = [service]
-    for blocks in assign_blocks(depth, workers, 2):
+    for blocks in assign_blocks(depth, workers, replicas):
         processes.append(launch(WORKER + [str(export), "--port", "0", "--router", url,
                                           "--blocks", ",".join(map(str, blocks)),
                                           "--heartbeat", "0.5"])[0])
@@ -195,18 +196,19 @@ async def load_tests(export: Path, requests: int, concurrency: int, workers: int
         stop([service])
     print("service_local", results["service_local"], flush=True)
 
-    for scenario in ("cluster", "cluster_kill"):
-        processes, url, worker_processes = start_cluster(export, workers)
+    for scenario, replicas in (("cluster", 2), ("cluster_kill", 2), ("cluster_kill_no_replica", 1)):
+        processes, url, worker_processes = start_cluster(export, workers, replicas)
         try:
             await load(url, model, images, 100, concurrency, first_seed=WARM_UP_SEEDS)
             victim = worker_processes[0]
 
             def kill_at_quarter(done: int):
-                if scenario == "cluster_kill" and done == requests // 4:
+                if scenario.startswith("cluster_kill") and done == requests // 4:
                     os.kill(victim.pid, signal.SIGKILL)
             results[scenario] = await load(url, model, images, requests, concurrency,
                                            kill_at_quarter)
-            if scenario == "cluster_kill":
+            results[scenario]["replicas"] = replicas
+            if scenario.startswith("cluster_kill"):
                 results[scenario]["killed_worker_after"] = requests // 4
         finally:
             stop(processes)
