@@ -71,6 +71,6 @@ serve-model: setup
 cluster: setup
 	$(QUIET) $(VENV)/bin/anyorder-cluster $(MODEL) --workers $(WORKERS) --port $(PORT)
 
-# The serving benchmark (per-hop overhead, load tests): bench/results/serving.json, ~3 min.
+# The serving benchmark (per-hop overhead, load tests): bench/results/serving.json, ~2 min.
 bench-serving: setup
 	$(QUIET) $(PY) bench/serving_bench.py

@@ -199,7 +199,8 @@ def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers
     correct_served = correct_torch = 0
     for index, (response, elapsed, start) in sorted(results.items()):
         assert response.status_code == 200, response.text
-        assert elapsed <= deadline_s + 0.5, f"request {index} took {elapsed:.2f} s"
+        # Timed by the client: connecting, sending and reading included.
+        assert elapsed <= deadline_s, f"request {index} took {elapsed:.2f} s"
         _, outputs = protocol.decode_response(response.content,
                                               response.headers.get(protocol.HEADER_LENGTH))
         report = _report(response)
