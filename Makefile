@@ -60,7 +60,7 @@ flow-run: setup
 
 # --- Serving the model (anyorder.serving; README, Serving) ---
 # `make serve-model`: the HTTP service on http://127.0.0.1:8000 for MODEL (an export directory or
-# models:/<name>@champion). `make cluster`: the same service with the blocks on WORKERS worker
+# models:/<name>@champion; the default, exports/ls_best, is written by `make run`). `make cluster`: the same service with the blocks on WORKERS worker
 # processes (2 hosts per block) on loopback. Ctrl-C stops either.
 MODEL ?= exports/ls_best
 WORKERS ?= 4
