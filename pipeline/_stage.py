@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import os
 import re
 import sys
@@ -153,6 +154,9 @@ FOREACH = {"run": ("finetune", "runs"), "model": ("export", "models"), "arm": ("
            "name": ("merge", "models")}
 
 
+STAGE_ARGV = "ANYORDER_STAGE_ARGV"
+
+
 def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
     """Parse the stage's arguments and load its settings; exit 2 on bad input (see module doc).
 
@@ -165,7 +169,10 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
         section, field_name = FOREACH[foreach]
         parser.add_argument(f"--{foreach}", required=True,
                             help=f"name of an entry of {section}.{field_name}")
-    args = parser.parse_args()
+    # A stage relaunched under torchrun (train nproc > 1) gets its arguments from the
+    # environment (see _training.relaunch_under_torchrun).
+    argv = json.loads(os.environ[STAGE_ARGV]) if STAGE_ARGV in os.environ else None
+    args = parser.parse_args(argv)
     # If dvc (run by a Prefect task) is killed, stop too: no orphaned stage keeps computing.
     die_with_parent()
     entry = getattr(args, foreach) if foreach else None
@@ -183,7 +190,11 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
                  f"(it is matched in MLflow searches), e.g. nightly-2026-11-23")
     raw = yaml.safe_load(Path(args.params).read_text()) or {}
     # `mlflow.*` says where runs are mirrored, never what a stage computes: not a dependency.
-    settings.restrict_to(declared(stage_name, "params", raw) + ["mlflow"], stage_name)
+    params = declared(stage_name, "params", raw)
+    settings.restrict_to(params + ["mlflow"], stage_name)
+    if "compute" in params:  # the stages that compute declare it; the others never read it
+        from anyorder.compute import apply_threads
+        apply_threads(settings.compute.threads)
     return Stage(stage_name, args, settings, raw, args.params)
 
 

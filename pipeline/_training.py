@@ -3,12 +3,18 @@ MLflow, write the plot. Kept out of _stage.py so that stages that train nothing 
 the training code."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
-from _stage import PREPARED, Stage, fail, inputs_digest, project_root, track
+from _stage import (PREPARED, STAGE_ARGV, Stage, fail, inputs_digest, project_root,
+                    track)
 
+from anyorder import distributed
 from anyorder.files import atomic_write_csv
 from anyorder.train import TrainingDiverged, train_and_save
 
@@ -17,14 +23,42 @@ from anyorder.train import TrainingDiverged, train_and_save
 STATE = project_root() / ".anyorder" / "state"
 
 
+def relaunch_under_torchrun(nproc: int) -> None:
+    """With `nproc` > 1 and not yet under torchrun: become torchrun running this same stage
+    command in `nproc` processes (DDP, one machine; rank 0 does what this process would have).
+    Each process gets an equal share of the cores."""
+    if nproc <= 1 or distributed.from_env().active:
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # The stage's own arguments travel in the environment: torchrun would read `--run` after
+    # the script name as an abbreviation of its own `--run-path`.
+    os.environ[STAGE_ARGV] = json.dumps(sys.argv[1:])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), sys.argv[0]]
+    print(f"launching {nproc} processes: {' '.join(command[1:])}", flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
+class _NoTracking:
+    """What a rank other than 0 logs to MLflow: nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: Path,
                   order_sampling: str = "batch", position_loss_weight: float = 1.0,
                   epoch_noise=None, info: Optional[dict] = None, fingerprint_extra: str = "",
                   then: Optional[Callable] = None, layerdrop: Optional[list] = None) -> None:
     """Train and save with the library (resumable under STATE/<stage>), write the per-epoch plot
     CSV, mirror it all to MLflow (timings there and in the log, never in the outputs).
-    `then(mlflow)` runs after saving, inside the same MLflow run (an evaluation of the model)."""
-    with track(stage) as mlflow:
+    `then(mlflow)` runs after saving, inside the same MLflow run (an evaluation of the model).
+    With cfg.nproc > 1 the stage first relaunches itself under torchrun; only rank 0 logs,
+    writes and evaluates."""
+    relaunch_under_torchrun(cfg.nproc)
+    main = distributed.from_env().main
+    with (track(stage) if main else nullcontext(_NoTracking())) as mlflow:
         def log_epoch(epoch: int, record: dict, seconds: float) -> None:
             mlflow.log_metrics({**{k: v for k, v in record.items() if k != "epoch"},
                                 "epoch_seconds": seconds}, step=epoch)
@@ -38,6 +72,8 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
                                     layerdrop=layerdrop)
         except TrainingDiverged as exc:
             fail(f"{stage.name}: {exc}", code=1)
+        if not main:
+            return
         atomic_write_csv(plot_csv, result.history)
         mlflow.log_metrics({"train_seconds": sum(result.epoch_seconds),
                             "resumed_from_epoch": result.resumed_from_epoch})

@@ -74,8 +74,10 @@ def draw_pruning(rows: list[dict]) -> bytes:
     # Colours of their own for the baselines (KIND_STYLE); the cycle without them for the rest.
     ax.set_prop_cycle(color=[c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]
                              if c not in ("#d62728", "#7f7f7f")])
-    for model in sorted({r["model"] for r in rows}, key=lambda m: [r["kind"] for r in rows
-                                                                   if r["model"] == m][0]):
+    # By kind, then name: a set's order changes with Python's string hashing from run to run,
+    # and with it the colours, so the PNG would differ for the same curves.
+    kinds = {r["model"]: r["kind"] for r in rows}
+    for model in sorted(kinds, key=lambda m: (kinds[m], m)):
         line = sorted((r for r in rows if r["model"] == model), key=lambda r: r["blocks_run"])
         kind = line[0]["kind"]
         color, style = KIND_STYLE[kind]

@@ -142,7 +142,7 @@ def test_user_inputs_are_dependencies():
 
 def test_training_stages_declare_only_params_that_change_what_they_compute():
     bodies = stage_bodies()
-    assert bodies["pretrain"]["params"] == ["model", "pretrain"]
+    assert bodies["pretrain"]["params"] == ["compute", "model", "pretrain"]
     finetune = bodies["finetune"]["params"]
     assert "finetune.runs.${key}" in finetune and "finetune.runs" not in finetune
     assert "model" not in finetune  # the architecture comes with the pre-trained model

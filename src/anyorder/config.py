@@ -195,10 +195,20 @@ class TrainConfig(_Section):
     # Random shift augmentation: pad by this many pixels and crop back (0 = off, as in the paper).
     shift_pixels: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Processes (torchrun, DistributedDataParallel); batch_size stays the global batch.
+    nproc: int = 1
+    # Block orders under several processes: one per step for all ranks ("shared"), or each
+    # rank its own ("rank"; rank 0 keeps the shared stream). Both recorded in train_orders.json.
+    order_scope: Literal["shared", "rank"] = "shared"
 
     def check(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1", self.epochs)
         _require(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1", self.batch_size)
+        _require(self.nproc >= 1, f"{key}.nproc", "must be >= 1", self.nproc)
+        _require(self.batch_size >= self.nproc, f"{key}.batch_size",
+                 f"must be >= nproc ({self.nproc}): every process needs images", self.batch_size)
+        _require(self.order_scope in ("shared", "rank"), f"{key}.order_scope",
+                 "must be shared or rank", self.order_scope)
         _require(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
         _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
         _require(0 <= self.warmup_epochs < self.epochs, f"{key}.warmup_epochs",
@@ -214,6 +224,18 @@ class TrainConfig(_Section):
         """Just the shared training fields (reads each of them, nothing else of a subclass)."""
         return TrainConfig(**{f.name: getattr(self, f.name)
                               for f in dataclasses.fields(TrainConfig)})
+
+
+@dataclass(frozen=True)
+class ComputeConfig(_Section):
+    """How much of the machine one stage process takes."""
+    # torch and ONNX Runtime threads (0: all cores, shared evenly between torchrun's processes).
+    # Two stages side by side on 2 cores (dvc exp queue --jobs 2, Prefect) thrash unless each
+    # gets threads: 1.
+    threads: int = 0
+
+    def check(self, key: str) -> None:
+        _require(self.threads >= 0, f"{key}.threads", "must be >= 0 (0: all cores)", self.threads)
 
 
 @dataclass(frozen=True)
@@ -600,8 +622,10 @@ class Settings(_Section):
     merge: MergeConfig = field(default_factory=MergeConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def check(self) -> None:
+        self.compute.check("compute")
         self.data.check("data")
         self.model.check("model", self.data.image_size)
         self.pretrain.check("pretrain")

@@ -16,6 +16,7 @@ import torch
 STREAM_BATCHES, STREAM_ORDERS, STREAM_AUGMENT, STREAM_VALIDATION, STREAM_GLOBAL = 0, 1, 2, 3, 4
 STREAM_NOISE = 5
 STREAM_PRUNING = 6  # the subsets (and their orders) of a pruning curve, one generator per k
+STREAM_RANK = 1000  # + rank: a process's own training orders (order_scope: rank)
 
 
 def generator_for(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generator:
@@ -67,17 +68,18 @@ class OrderSampler:
 
 
 def epoch_orders(seed: int, epoch: int, num_train: int, batch_size: int, depth: int,
-                 shuffle: bool, per_sample: bool, drop_rates: Optional[list[float]] = None
-                 ) -> list[torch.Tensor]:
+                 shuffle: bool, per_sample: bool, drop_rates: Optional[list[float]] = None,
+                 rank: int = 0) -> list[torch.Tensor]:
     """The execution order of every training step of one epoch, as `train_model` draws them:
     a (depth,) order per step (shorter with LayerDrop's `drop_rates`), or (batch, depth) orders
     per step with `per_sample`.
 
     This is the one place orders are drawn, so the orders of any run can be regenerated from
-    its seed and settings (recorded in `train_orders.json` beside every model).
+    its seed and settings (recorded in `train_orders.json` beside every model). `rank`: the
+    process's own orders under `order_scope: rank` (rank 0's are the shared ones).
     """
     sampler = OrderSampler(depth, shuffle, per_sample, drop_rates)
-    generator = generator_for(seed, epoch, STREAM_ORDERS)
+    generator = generator_for(seed, epoch, STREAM_ORDERS if rank == 0 else STREAM_RANK + rank)
     sizes = [min(batch_size, num_train - start) for start in range(0, num_train, batch_size)]
     return [sampler.sample(size, generator) for size in sizes]
 

@@ -21,7 +21,6 @@ on the device between blocks (I/O binding). `bench/runtime_bench.py` measures al
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from .compute import session_threads
 from .errors import InputError
 from .files import sha256_file
 
@@ -127,7 +127,7 @@ def session_options(threads: Optional[int] = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    options.intra_op_num_threads = threads or session_threads()
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")

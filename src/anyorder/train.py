@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from . import distributed
 from .checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensors, save_model,
                          tensors_digest)
 from .config import TrainConfig
@@ -78,6 +79,52 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 1.0
 
 
+class TrainStep(torch.nn.Module):
+    """One training forward (clean, and with patch noise when given) returning tensors only: what
+    DistributedDataParallel wraps, so it sees every output that needs a gradient."""
+
+    def __init__(self, model: AnyOrderViT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, order, noise=None):
+        out = self.model.forward_detailed(batch, order)
+        noisy = None if noise is None else \
+            self.model.forward_detailed(batch, order, patch_noise=noise).logits
+        return out.logits, out.position_logits, out.position_targets, noisy
+
+
+@dataclass
+class Loss:
+    backward_term: torch.Tensor  # what this rank back-propagates
+    mean: torch.Tensor           # the mean over this rank's shard (for the history)
+
+
+def _mean(loss) -> torch.Tensor:
+    return loss.mean if isinstance(loss, Loss) else loss
+
+
+@dataclass
+class LossTerms:
+    """Cross-entropy terms of one step. Alone, the plain mean. Under N processes each rank sums
+    its shard and scales by N / (global count): DDP averages the N gradients, so the result is
+    the gradient of the mean over the whole global batch, as one process would compute it."""
+    global_batch: int
+    world_size: int
+    label_smoothing: float
+
+    def cross_entropy(self, logits, targets, per_image: int = 1,
+                      smoothing: Optional[float] = None) -> Loss:
+        smoothing = self.label_smoothing if smoothing is None else smoothing
+        if self.world_size == 1:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+            return Loss(loss, loss)
+        total = F.cross_entropy(logits.float(), targets, reduction="sum",
+                                label_smoothing=smoothing)
+        count = self.global_batch * per_image
+        return Loss(total * (self.world_size / count), total / max(1, len(targets)))
+
+
 def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 val_data: tuple[np.ndarray, np.ndarray], cfg: TrainConfig, seed: int,
                 state_dir: Optional[str | Path] = None, fingerprint_extra: str = "",
@@ -101,15 +148,19 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     tokens), every image, in the same block order.
     """
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
+    dist, device = distributed.init(resolve_device(cfg.device))
+    progress = progress and dist.main
     train_x, train_y = train_data
     steps_per_epoch = math.ceil(len(train_x) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     shuffle = SHUFFLED_TRAINING[model.variant]
     per_sample = order_sampling == "sample"
-    fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra + json.dumps(
-        {"layerdrop": layerdrop}), order_sampling, position_loss_weight, epoch_noise is not None)
+    extra = {"layerdrop": layerdrop}
+    if dist.active:  # a state is resumed by as many processes as wrote it
+        extra["world_size"] = dist.world_size
+    fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra + json.dumps(extra),
+                               order_sampling, position_loss_weight, epoch_noise is not None)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -125,6 +176,15 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
             start_epoch = _restore(state_path, fingerprint, model, optimizer, scheduler, result)
             result.resumed_from_epoch = start_epoch
 
+    # What runs a step's forward: the model itself, or DDP around it (gradients averaged over
+    # ranks; blocks that LayerDrop skips leave parameters unused, which DDP must be told).
+    step_module = TrainStep(model)
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+        step_module = DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(layerdrop))
+    order_rank = dist.rank if cfg.order_scope == "rank" else 0
     images = torch.as_tensor(train_x)  # uint8 stays compact; converted per batch
     labels = torch.as_tensor(train_y, dtype=torch.long)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -134,7 +194,7 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
         permutation = torch.randperm(len(images), generator=generator_for(seed, epoch, STREAM_BATCHES))
         augment_gen = generator_for(seed, epoch, STREAM_AUGMENT)
         orders = epoch_orders(seed, epoch, len(images), cfg.batch_size, model.depth, shuffle,
-                              per_sample, layerdrop)
+                              per_sample, layerdrop, rank=order_rank)
         totals = {"loss": 0.0, "position_loss": 0.0, "noisy_loss": 0.0, "correct": 0, "seen": 0}
         noise, noise_record = None, {}
         if epoch_noise is not None:
@@ -149,27 +209,35 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
             torch.manual_seed(int(generator_for(seed, epoch, STREAM_GLOBAL).initial_seed()))
             for step in range(steps_per_epoch):
                 index = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                # The whole global batch is prepared (and augmented) alike on every rank, then
+                # each rank takes its shard: N processes see what one process would.
                 batch = to_model_input(images[index], model.spec, device)
                 batch = random_shift(batch, cfg.shift_pixels, augment_gen)
                 targets = labels[index].to(device)
                 order = orders[step]
                 if (shuffle or layerdrop) and order.dim() == 1:
                     result.orders.append(order.tolist())
+                part = dist.shard(len(index))
+                batch, targets = batch[part], targets[part]
+                if order.dim() == 2:  # per-sample orders: this shard's rows
+                    order = order[part]
+                loss_terms = LossTerms(len(index), dist.world_size, cfg.label_smoothing)
                 with autocast:
-                    out = model.forward_detailed(batch, order)
-                    loss = F.cross_entropy(out.logits.float(), targets,
-                                           label_smoothing=cfg.label_smoothing)
+                    logits, position_logits, position_targets, noisy = step_module(
+                        batch, order, noise)
+                    loss = loss_terms.cross_entropy(logits, targets)
                     position_loss = torch.zeros((), device=device)
-                    if out.position_logits is not None:
-                        position_loss = F.cross_entropy(out.position_logits.flatten(0, 1).float(),
-                                                        out.position_targets.flatten())
-                    total = loss + position_loss_weight * position_loss
+                    total = loss.backward_term
+                    if position_logits is not None:
+                        position_loss = loss_terms.cross_entropy(
+                            position_logits.flatten(0, 1), position_targets.flatten(),
+                            per_image=position_targets.numel() // max(1, len(targets)),
+                            smoothing=0.0)
+                        total = total + position_loss_weight * position_loss.backward_term
                     noisy_loss = torch.zeros((), device=device)
-                    if noise is not None:
-                        noisy = model.forward_detailed(batch, order, patch_noise=noise).logits
-                        noisy_loss = F.cross_entropy(noisy.float(), targets,
-                                                     label_smoothing=cfg.label_smoothing)
-                        total = total + noisy_loss
+                    if noisy is not None:
+                        noisy_loss = loss_terms.cross_entropy(noisy, targets)
+                        total = total + noisy_loss.backward_term
                 if not torch.isfinite(total):
                     raise TrainingDiverged(
                         f"the training loss became {total.item()} at epoch {epoch + 1}, step "
@@ -181,17 +249,22 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                totals["loss"] += loss.item() * len(index)
-                totals["position_loss"] += position_loss.item() * len(index)
-                totals["noisy_loss"] += noisy_loss.item() * len(index)
-                totals["correct"] += (out.logits.argmax(1) == targets).sum().item()
-                totals["seen"] += len(index)
+                seen = len(targets)
+                totals["loss"] += loss.mean.item() * seen
+                totals["position_loss"] += _mean(position_loss).item() * seen
+                totals["noisy_loss"] += _mean(noisy_loss).item() * seen
+                totals["correct"] += (logits.argmax(1) == targets).sum().item()
+                totals["seen"] += seen
                 if bar is not None:
                     bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
                                     acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
                     bar.update(1)
         if bar is not None:
             bar.close()
+        if dist.active:  # the epoch's figures over every rank's shard
+            keys = sorted(totals)
+            totals = dict(zip(keys, distributed.all_sum([totals[k] for k in keys], dist,
+                                                        device)))
         record = {
             "epoch": epoch + 1,
             "train_loss": totals["loss"] / totals["seen"],
@@ -207,13 +280,14 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
         result.history.append(record)
         seconds = time.perf_counter() - epoch_started
         result.epoch_seconds.append(seconds)
-        if state_path is not None:
+        if state_path is not None and dist.main:
             _save_state(state_path, fingerprint, model, optimizer, scheduler, epoch + 1, result)
+        distributed.barrier(dist)  # no rank runs ahead of the state that would resume it
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                   f"acc {record['train_accuracy']:.4f} val {record['val_accuracy_sequential']:.4f} "
                   f"(shuffled {record['val_accuracy_shuffled']:.4f}) {seconds:.1f}s", flush=True)
-        if on_epoch_end is not None:
+        if on_epoch_end is not None and dist.main:
             on_epoch_end(epoch + 1, record, seconds)
     if progress:
         print(f"training took {time.perf_counter() - started:.1f}s", flush=True)
@@ -238,6 +312,10 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
                          fingerprint_extra=fingerprint_extra, on_epoch_end=on_epoch_end,
                          order_sampling=order_sampling, position_loss_weight=position_loss_weight,
                          epoch_noise=epoch_noise, layerdrop=layerdrop)
+    dist = distributed.from_env()
+    if not dist.main:  # rank 0 writes; the others wait until it has
+        distributed.barrier(dist)
+        return result
     training = {"config": asdict(cfg), "seed": seed, "order_sampling": order_sampling,
                 "position_loss_weight": position_loss_weight, "layerdrop": layerdrop,
                 **(info or {}),
@@ -247,6 +325,13 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
               "shuffled": SHUFFLED_TRAINING[model.variant], "epochs": cfg.epochs,
               "num_train": int(len(train_data[1])), "batch_size": cfg.batch_size,
               "depth": model.depth, "layerdrop": layerdrop}
+    if dist.active:
+        recipe["world_size"] = dist.world_size
+        recipe["order_scope"] = cfg.order_scope
+        if cfg.order_scope == "rank":
+            # Listed: rank 0's orders; rank r's are epoch_orders(..., rank=r) of the same
+            # settings (anyorder.orders), one shard of each global batch each.
+            recipe["rank_orders"] = "anyorder.orders.epoch_orders(..., rank=r)"
     if order_sampling == "sample" and SHUFFLED_TRAINING[model.variant]:
         # One order per sample per step is too much to list; regenerate it exactly with
         # anyorder.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).
@@ -255,6 +340,7 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
         recipe["orders"] = result.orders
     atomic_write_json(Path(out_dir) / "train_orders.json", recipe)
     remove_state(result)
+    distributed.barrier(dist)
     return result
 
 
