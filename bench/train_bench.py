@@ -1,0 +1,200 @@
+"""Training throughput: LayerShuffle against plain sequential training of the same timm ViT, and
+the FLOP/s achieved against a matrix-multiply peak measured in the same run.
+
+    python bench/train_bench.py [--batch 64] [--steps 20] [--rounds 5] [--threads N]
+                                [--device cpu|cuda] [--dtype fp32|bf16] [--arch default|vit_s|vit_b]
+                                [--fused] [--compile] [--out bench/results/train_cpu.json]
+
+Variants (same model, same synthetic data, same AdamW; each round runs every variant for
+`--steps` timed steps after 3 warm-up steps, the variants' order rotating from round to round so
+drift hits them alike):
+- timm_plain:     `model.vit(x)`: timm's own forward, cross-entropy, backward, AdamW step;
+- sequential:     our AnyOrderViT, blocks 0..L-1 (what the sequential fine-tune runs);
+- layershuffle:   our AnyOrderViT, a new random block order every step (LS, one order per batch).
+Reported per variant: images/s (median over rounds, min-max), the ratio to timm_plain in the same
+round, and achieved FLOP/s (the training step's FLOPs from torch's FlopCounterMode on one step,
+times steps/s) as a fraction of the peak: the median of timed square `--peak-size` matmuls in the
+same dtype, measured between rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from anyorder.config import load_settings  # noqa: E402
+from anyorder.model import build_model, model_spec  # noqa: E402
+
+ARCHS = {  # name -> (model settings, image size); "default" is params.yaml's model
+    "vit_s": (dict(arch="vit_small_patch16_224", patch_size=16, embed_dim=384, depth=12,
+                   num_heads=6, mlp_ratio=4.0), 224),
+    "vit_b": (dict(arch="vit_base_patch16_224", patch_size=16, embed_dim=768, depth=12,
+                   num_heads=12, mlp_ratio=4.0), 224),
+}
+
+
+def make_model(arch: str, device: torch.device):
+    settings = load_settings(ROOT / "params.yaml")
+    if arch == "default":
+        config, size = settings.model, settings.data.image_size
+    else:
+        fields, size = ARCHS[arch]
+        config = dataclasses.replace(settings.model, **fields)
+    spec = model_spec(config, size, [str(i) for i in range(10)], "ls")
+    return build_model(spec, "none", seed=0).to(device), size
+
+
+def matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul (median of `repeats` timings of a few calls each)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    calls = 3 if device.type == "cpu" else 50
+    torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        sync(device)
+        rates.append(2 * size ** 3 * calls / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(model, variant: str, images, labels, optimizer, autocast, generator):
+    """One training step of `variant` (see the module docstring)."""
+    def step():
+        with autocast:
+            if variant == "timm_plain":
+                logits = model.vit(images)
+            else:
+                order = None if variant == "sequential" else \
+                    torch.randperm(model.depth, generator=generator).tolist()
+                logits = model(images, order)
+            loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def step_flops(step) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--arch", default="default", choices=["default", *ARCHS])
+    parser.add_argument("--peak-size", type=int, default=1024)
+    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=args.dtype == "bf16")
+    model, size = make_model(args.arch, device)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, size, size, device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    variants = ["timm_plain", "sequential", "layershuffle"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused or None)
+    if args.compile:  # the blocks only: orders stay free, every block compiles once
+        for block in model.vit.blocks:
+            block.compile()
+    steps = {v: step_fn(model, v, images, labels, optimizer, autocast, generator)
+             for v in variants}
+    flops = {v: step_flops(steps[v]) for v in variants}
+    rates: dict = {v: [] for v in variants}
+    ratios: dict = {v: [] for v in variants}
+    peaks = []
+    for round_index in range(args.rounds):
+        peaks.append(matmul_peak(args.peak_size, dtype, device))
+        order = variants[round_index % 3:] + variants[:round_index % 3]
+        this_round = {}
+        for variant in order:
+            for _ in range(3):
+                steps[variant]()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                steps[variant]()
+            sync(device)
+            this_round[variant] = args.batch * args.steps / (time.perf_counter() - started)
+        for variant in variants:
+            rates[variant].append(this_round[variant])
+            ratios[variant].append(this_round[variant] / this_round["timm_plain"])
+        print(f"round {round_index + 1}: " + ", ".join(
+            f"{v} {this_round[v]:.0f} img/s" for v in variants) +
+            f", peak {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
+    peak = statistics.median(peaks)
+    results = {}
+    for variant in variants:
+        rate = statistics.median(rates[variant])
+        achieved = flops[variant] / args.batch * rate
+        results[variant] = {
+            "images_per_s": {"median": round(rate, 1), "min": round(min(rates[variant]), 1),
+                             "max": round(max(rates[variant]), 1)},
+            "ratio_to_timm_plain": {"median": round(statistics.median(ratios[variant]), 3),
+                                    "min": round(min(ratios[variant]), 3),
+                                    "max": round(max(ratios[variant]), 3)},
+            "step_gflops": round(flops[variant] / 1e9, 3),
+            "achieved_gflops_per_s": round(achieved / 1e9, 2),
+            "fraction_of_peak": round(achieved / peak, 3),
+        }
+    report = {
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "threads": args.threads},
+        "model": {"arch": args.arch, "image_size": size, "depth": model.depth,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "dtype": args.dtype,
+        "fused_adamw": args.fused, "compiled_blocks": args.compile,
+        "matmul_peak_gflops_per_s": {"median": round(peak / 1e9, 2),
+                                     "min": round(min(peaks) / 1e9, 2),
+                                     "max": round(max(peaks) / 1e9, 2),
+                                     "size": args.peak_size},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(results, indent=1))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
