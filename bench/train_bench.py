@@ -3,7 +3,9 @@ the FLOP/s achieved against a matrix-multiply peak measured in the same run.
 
     python bench/train_bench.py [--batch 64] [--steps 20] [--rounds 5] [--threads N]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--arch default|vit_s|vit_b]
-                                [--fused] [--compile] [--out bench/results/train_cpu.json]
+                                [--fused] [--compile] [--profile FILE.json]
+                                [--out bench/results/train_cpu.json]
+    TIMM_FUSED_ATTN=0 python bench/train_bench.py ...   # timm's plain attention instead of SDPA
 
 Variants (same model, same synthetic data, same AdamW; each round runs every variant for
 `--steps` timed steps after 3 warm-up steps, the variants' order rotating from round to round so
@@ -74,6 +76,22 @@ def matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: in
     return statistics.median(rates)
 
 
+def shaped_matmul(rows: int, inner: int, cols: int, dtype, device, repeats: int = 5) -> float:
+    """FLOP/s of (rows x inner) @ (inner x cols), median of `repeats` timings of 50 calls."""
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(inner, cols, device=device, dtype=dtype)
+    torch.mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(50):
+            torch.mm(a, b)
+        sync(device)
+        rates.append(2 * rows * inner * cols * 50 / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -104,6 +122,60 @@ def step_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
+# Where a training step's time goes, by kind of operator (self time, aten names).
+KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+               "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+               "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution",
+               "aten::convolution_backward"),
+    "optimizer": ("aten::_fused_adamw_", "aten::_foreach_", "aten::lerp_", "aten::addcmul_",
+                  "aten::addcdiv_", "aten::sqrt", "aten::div_", "aten::mul_", "aten::add_",
+                  "aten::zero_", "aten::fill_"),
+    "norm_activation": ("aten::native_layer_norm", "aten::native_layer_norm_backward",
+                        "aten::gelu", "aten::gelu_backward", "aten::_softmax",
+                        "aten::_log_softmax", "aten::_log_softmax_backward_data",
+                        "aten::nll_loss", "aten::nll_loss_backward"),
+    "copies_views": ("aten::copy_", "aten::clone", "aten::contiguous", "aten::t",
+                     "aten::transpose", "aten::view", "aten::reshape", "aten::permute",
+                     "aten::select", "aten::slice", "aten::cat", "aten::as_strided",
+                     "aten::expand", "aten::unbind", "aten::empty", "aten::empty_like",
+                     "aten::_to_copy", "aten::to", "aten::sum", "aten::add", "aten::mul"),
+}
+
+
+def profile_steps(step, count: int = 10) -> dict:
+    """Self CPU time of `count` steps by operator and by kind (KINDS; "other" for the rest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        for _ in range(count):
+            step()
+        wall = time.perf_counter() - started
+    rows = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    total = sum(seconds for _, seconds in rows)
+    by_kind: dict = {}
+    for key, seconds in rows:
+        kind = next((k for k, names in KINDS.items()
+                     if key in names or (key.startswith("aten::_foreach_") and k == "optimizer")),
+                    "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+    top = sorted(rows, key=lambda r: -r[1])[:25]
+    return {"steps": count, "wall_s": round(wall, 3), "profiled_self_s": round(total, 3),
+            "by_kind": {k: {"seconds": round(v, 3), "share": round(v / total, 3)}
+                        for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": key, "seconds": round(sec, 4), "share": round(sec / total, 3)}
+                        for key, sec in top]}
+
+
+def timm_fused_attn() -> bool:
+    from timm.layers import use_fused_attn
+    return use_fused_attn()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -116,6 +188,8 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=1024)
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--profile", default="", help="also profile 10 LayerShuffle steps "
+                                                      "(torch.profiler, CPU) into this JSON")
     parser.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,6 +256,8 @@ def main() -> None:
                     "threads": args.threads},
         "model": {"arch": args.arch, "image_size": size, "depth": model.depth,
                   "parameters": sum(p.numel() for p in model.parameters())},
+        # timm's attention: fused (scaled_dot_product_attention) unless TIMM_FUSED_ATTN=0
+        "timm_fused_attn": bool(timm_fused_attn()),
         "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "dtype": args.dtype,
         "fused_adamw": args.fused, "compiled_blocks": args.compile,
         "matmul_peak_gflops_per_s": {"median": round(peak / 1e9, 2),
@@ -193,6 +269,21 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=1))
+    if args.profile:
+        profiled = profile_steps(steps["layershuffle"])
+        profiled.update(command=report["command"], date=report["date"], batch=args.batch,
+                        matmul_peak_gflops_per_s=report["matmul_peak_gflops_per_s"]["median"])
+        # The model's own matmuls: (batch x tokens, width) @ (width, 3 width) for qkv, and the
+        # MLP's; timed like the peak, in the same dtype.
+        tokens = model.vit.patch_embed.num_patches + 1
+        width = model.vit.embed_dim
+        hidden = model.vit.blocks[0].mlp.fc1.out_features
+        profiled["model_matmuls_gflops_per_s"] = {
+            f"{args.batch * tokens}x{width}@{width}x{out}": round(
+                shaped_matmul(args.batch * tokens, width, out, dtype, device) / 1e9, 2)
+            for out in (3 * width, hidden)}
+        Path(args.profile).write_text(json.dumps(profiled, indent=2) + "\n")
+        print(json.dumps(profiled["by_kind"], indent=1))
     print(f"written {args.out}")
 
 
