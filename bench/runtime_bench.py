@@ -23,10 +23,7 @@ torch uses the same thread count.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -158,18 +157,12 @@ def main() -> None:
         results = {name: bench_model(name, args.batches, args.repeats, args.calls, args.threads,
                                      args.provider, Path(work)) for name in args.models}
     report = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "onnxruntime": ort.__version__,
-                    "provider": args.provider, "threads": args.threads},
+        **header(torch=torch.__version__, onnxruntime=ort.__version__,
+                 provider=args.provider, threads=args.threads),
         "repeats": args.repeats,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {args.out}")
+    write(args.out, report)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -41,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import numpy as np  # noqa: E402
 
@@ -235,10 +235,7 @@ def main() -> None:
     loads = uvloop.run(load_tests(export, args.requests, args.concurrency, args.workers))
     manifest = read_manifest(export)
     report = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "onnxruntime": ort.__version__},
+        **header(onnxruntime=ort.__version__),
         "model": {"export": os.path.relpath(export, ROOT), "name": manifest["name"],
                   "depth": manifest["depth"], "embed_dim": manifest["embed_dim"],
                   "num_tokens": manifest["num_tokens"]},
@@ -246,9 +243,7 @@ def main() -> None:
             r["overhead_median_ms"] for r in hop)[len(hop) // 2]},
         "load": loads,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written {args.out}")
+    write(args.out, report)
 
 
 if __name__ == "__main__":

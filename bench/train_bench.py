@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,11 +59,11 @@ def make_model(arch: str, device: torch.device):
     return build_model(spec, "none", seed=0).to(device), size
 
 
-def matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul (median of `repeats` timings of a few calls each)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    calls = 3 if device.type == "cpu" else 50
+def matmul_rate(rows: int, inner: int, cols: int, dtype, device, calls: int = 50,
+                repeats: int = 5) -> float:
+    """FLOP/s of (rows x inner) @ (inner x cols): median of `repeats` timings of `calls`."""
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(inner, cols, device=device, dtype=dtype)
     torch.mm(a, b)
     rates = []
     for _ in range(repeats):
@@ -72,24 +72,13 @@ def matmul_peak(size: int, dtype: torch.dtype, device: torch.device, repeats: in
         for _ in range(calls):
             torch.mm(a, b)
         sync(device)
-        rates.append(2 * size ** 3 * calls / (time.perf_counter() - started))
+        rates.append(2 * rows * inner * cols * calls / (time.perf_counter() - started))
     return statistics.median(rates)
 
 
-def shaped_matmul(rows: int, inner: int, cols: int, dtype, device, repeats: int = 5) -> float:
-    """FLOP/s of (rows x inner) @ (inner x cols), median of `repeats` timings of 50 calls."""
-    a = torch.randn(rows, inner, device=device, dtype=dtype)
-    b = torch.randn(inner, cols, device=device, dtype=dtype)
-    torch.mm(a, b)
-    rates = []
-    for _ in range(repeats):
-        sync(device)
-        started = time.perf_counter()
-        for _ in range(50):
-            torch.mm(a, b)
-        sync(device)
-        rates.append(2 * rows * inner * cols * 50 / (time.perf_counter() - started))
-    return statistics.median(rates)
+def matmul_peak(size: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a square matmul (a few calls per timing on CPU, where one takes ~15 ms)."""
+    return matmul_rate(size, size, size, dtype, device, calls=3 if device.type == "cpu" else 50)
 
 
 def sync(device: torch.device) -> None:
@@ -248,12 +237,8 @@ def main() -> None:
             "fraction_of_peak": round(achieved / peak, 3),
         }
     report = {
-        "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "threads": args.threads},
+        **header(torch=torch.__version__, threads=args.threads,
+                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "model": {"arch": args.arch, "image_size": size, "depth": model.depth,
                   "parameters": sum(p.numel() for p in model.parameters())},
         # timm's attention: fused (scaled_dot_product_attention) unless TIMM_FUSED_ATTN=0
@@ -266,9 +251,8 @@ def main() -> None:
                                      "size": args.peak_size},
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=1))
+    write(args.out, report)
     if args.profile:
         profiled = profile_steps(steps["layershuffle"])
         profiled.update(command=report["command"], date=report["date"], batch=args.batch,
@@ -280,11 +264,10 @@ def main() -> None:
         hidden = model.vit.blocks[0].mlp.fc1.out_features
         profiled["model_matmuls_gflops_per_s"] = {
             f"{args.batch * tokens}x{width}@{width}x{out}": round(
-                shaped_matmul(args.batch * tokens, width, out, dtype, device) / 1e9, 2)
+                matmul_rate(args.batch * tokens, width, out, dtype, device) / 1e9, 2)
             for out in (3 * width, hidden)}
-        Path(args.profile).write_text(json.dumps(profiled, indent=2) + "\n")
         print(json.dumps(profiled["by_kind"], indent=1))
-    print(f"written {args.out}")
+        write(args.profile, profiled)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class LocalBackend:
 
         self.runtime = BlockRuntime(export_dir, threads=threads, compose_cache=compose_cache)
         self.manifest = self.runtime.manifest
+        self.preprocess = self.runtime.preprocess  # uint8 NHWC -> normalised NCHW
         self._limiter = anyio.CapacityLimiter(1)
 
     async def start(self):
@@ -103,24 +104,24 @@ class LocalBackend:
 
         if isinstance(order, str) and order in DYNAMIC_ORDERS:
             order = "sequential"  # in one process every block is equally reachable
-        requested, executed, skipped = self.runtime.plan(order, seed, policy, exclude)
-        images = self.runtime.check_normalised(images)
+        # runtime.run checks the images and plans (policy included) before any compute.
         try:
             with anyio.fail_after(deadline_s):
                 if len(images) <= INLINE_BATCH and self._limiter.borrowed_tokens == 0:
                     # A small batch with nobody queued: a millisecond on the event loop is
                     # cheaper than a hand-off to a thread and back.
-                    result = self.runtime.run(images, executed, None, policy)
+                    result = self.runtime.run(images, order, seed, policy, exclude)
                 else:
                     result = await anyio.to_thread.run_sync(
-                        self.runtime.run, images, executed, None, policy, (),
+                        self.runtime.run, images, order, seed, policy, exclude,
                         limiter=self._limiter, abandon_on_cancel=True)
         except TimeoutError:
             raise DeadlineExceeded(f"the deadline of {deadline_s:.3f} s ran out") from None
         reasons = {int(b): ("excluded by the caller" if b in exclude else
-                            self.runtime.missing.get(b, "missing")) for b in skipped}
-        return Prediction(result.logits, executed, skipped, requested,
-                          ["local"] * len(executed), reasons)
+                            self.runtime.missing.get(b, "missing")) for b in result.skipped}
+        return Prediction(result.logits, result.executed_order, result.skipped,
+                          result.requested_order, ["local"] * len(result.executed_order),
+                          reasons)
 
 
 class ClusterBackend:
@@ -130,6 +131,7 @@ class ClusterBackend:
     def __init__(self, router: Router):
         self.router = router
         self.manifest = router.manifest
+        self.preprocess = router.local.preprocess  # uint8 NHWC -> normalised NCHW
 
     async def start(self):
         await self.router.start()
@@ -217,20 +219,14 @@ def decode_image(data: bytes, name: str, size: int, resize: bool) -> np.ndarray:
         if (width, height) != (size, size):
             image.draft("RGB", (size, size))
             image = image.resize((size, size), Image.BILINEAR)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.asarray(image, dtype=np.uint8)  # RGB, checked above
     except (OSError, ValueError) as exc:
         raise ImageError(f"{name}: the image data is damaged ({exc})") from None
 
 
-def normalise(manifest: dict, images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) as the manifest says."""
-    mean = np.asarray(manifest["mean"], np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(manifest["std"], np.float32).reshape(1, 3, 1, 1)
-    return (images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std
-
-
-def tensor_images(manifest: dict, tensors: dict, max_images: int) -> np.ndarray:
-    """The `images` input of a v2 request -> normalised float32 (N, 3, H, W)."""
+def tensor_images(manifest: dict, tensors: dict, max_images: int, preprocess) -> np.ndarray:
+    """The `images` input of a v2 request -> normalised float32 (N, 3, H, W); `preprocess`
+    normalises uint8 images (the backend's runtime's)."""
     size = int(manifest["image_size"])
     if set(tensors) != {"images"}:
         raise protocol.ProtocolError(f"inputs {sorted(tensors)}: send one input named images, "
@@ -238,7 +234,7 @@ def tensor_images(manifest: dict, tensors: dict, max_images: int) -> np.ndarray:
                                      f"{size}) normalised")
     images = tensors["images"]
     if images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (size, size, 3):
-        batch = normalise(manifest, images)
+        batch = preprocess(images)
     elif images.dtype == np.float32 and images.ndim == 4 and images.shape[1:] == (3, size, size):
         batch = images
     else:
@@ -440,7 +436,7 @@ def create_app(backend, limits: Optional[Limits] = None, aliases: Sequence[str] 
                                  "files as images=@file")
             images = np.stack([decode_image(await u.read(), u.filename or f"image {i}", size,
                                             options.resize) for i, u in enumerate(uploads)])
-            result = await predict(normalise(manifest, images), options)
+            result = await predict(backend.preprocess(images), options)
         except known_failures as exc:
             return failure(exc)
         except Exception as exc:  # starlette's own multipart errors, e.g. too many files
@@ -467,7 +463,8 @@ def create_app(backend, limits: Optional[Limits] = None, aliases: Sequence[str] 
             if not isinstance(parameters, dict):
                 raise protocol.ProtocolError("\"parameters\" must be an object")
             options = Options.parse(parameters, limits)
-            result = await predict(tensor_images(manifest, tensors, limits.max_images), options)
+            result = await predict(tensor_images(manifest, tensors, limits.max_images,
+                                                 backend.preprocess), options)
         except known_failures as exc:
             return failure(exc)
         values = {"logits": result.logits.astype(np.float32),
