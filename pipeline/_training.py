@@ -15,6 +15,7 @@ from _stage import (PREPARED, STAGE_ARGV, Stage, fail, inputs_digest, project_ro
                     track)
 
 from anyorder import distributed
+from anyorder.compute import cores_per_process
 from anyorder.files import atomic_write_csv
 from anyorder.train import TrainingDiverged, train_and_save
 
@@ -29,7 +30,8 @@ def relaunch_under_torchrun(nproc: int) -> None:
     Each process gets an equal share of the cores."""
     if nproc <= 1 or distributed.from_env().active:
         return
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # Set here, or torchrun sets 1; compute.threads 0 then takes it (compute.threads_for).
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_process(nproc)))
     # The stage's own arguments travel in the environment: torchrun would read `--run` after
     # the script name as an abbreviation of its own `--run-path`.
     os.environ[STAGE_ARGV] = json.dumps(sys.argv[1:])

@@ -18,8 +18,13 @@ def threads_for(threads: int = 0) -> int:
         return threads
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]):
         return int(os.environ["OMP_NUM_THREADS"])
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return max(1, (os.cpu_count() or 1) // max(1, local))
+    return cores_per_process(int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                os.environ.get("WORLD_SIZE", "1"))))
+
+
+def cores_per_process(processes: int) -> int:
+    """This machine's cores shared evenly by `processes` processes (at least 1 each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 _applied = 0  # the count apply_threads set (0: never called)

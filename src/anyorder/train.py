@@ -100,10 +100,6 @@ class Loss:
     mean: torch.Tensor           # the mean over this rank's shard (for the history)
 
 
-def _mean(loss) -> torch.Tensor:
-    return loss.mean if isinstance(loss, Loss) else loss
-
-
 @dataclass
 class LossTerms:
     """Cross-entropy terms of one step. Alone, the plain mean. Under N processes each rank sums
@@ -226,7 +222,8 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                     logits, position_logits, position_targets, noisy = step_module(
                         batch, order, noise)
                     loss = loss_terms.cross_entropy(logits, targets)
-                    position_loss = torch.zeros((), device=device)
+                    zero = torch.zeros((), device=device)
+                    position_loss = noisy_loss = Loss(zero, zero)  # unless the step has them
                     total = loss.backward_term
                     if position_logits is not None:
                         position_loss = loss_terms.cross_entropy(
@@ -234,7 +231,6 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                             per_image=position_targets.numel() // max(1, len(targets)),
                             smoothing=0.0)
                         total = total + position_loss_weight * position_loss.backward_term
-                    noisy_loss = torch.zeros((), device=device)
                     if noisy is not None:
                         noisy_loss = loss_terms.cross_entropy(noisy, targets)
                         total = total + noisy_loss.backward_term
@@ -251,8 +247,8 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 scheduler.step()
                 seen = len(targets)
                 totals["loss"] += loss.mean.item() * seen
-                totals["position_loss"] += _mean(position_loss).item() * seen
-                totals["noisy_loss"] += _mean(noisy_loss).item() * seen
+                totals["position_loss"] += position_loss.mean.item() * seen
+                totals["noisy_loss"] += noisy_loss.mean.item() * seen
                 totals["correct"] += (logits.argmax(1) == targets).sum().item()
                 totals["seen"] += seen
                 if bar is not None:
