@@ -3,9 +3,9 @@ the FLOP/s achieved against a matrix-multiply peak measured in the same run.
 
     python bench/train_bench.py [--batch 64] [--steps 20] [--rounds 5] [--threads N]
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--arch default|vit_s|vit_b]
-                                [--fused] [--compile] [--profile FILE.json]
-                                [--out bench/results/train_cpu.json]
-    TIMM_FUSED_ATTN=0 python bench/train_bench.py ...   # timm's plain attention instead of SDPA
+                                [--optimizer pipeline|fused|loop] [--compile]
+                                [--attention pipeline|fused|plain]
+                                [--profile FILE.json] [--out bench/results/train_cpu.json]
 
 Variants (same model, same synthetic data, same AdamW; each round runs every variant for
 `--steps` timed steps after 3 warm-up steps, the variants' order rotating from round to round so
@@ -39,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from anyorder.config import load_settings  # noqa: E402
 from anyorder.model import build_model, model_spec  # noqa: E402
+from anyorder.train import FUSED_ADAMW_DEVICES  # noqa: E402
 
 ARCHS = {  # name -> (model settings, image size); "default" is params.yaml's model
     "vit_s": (dict(arch="vit_small_patch16_224", patch_size=16, embed_dim=384, depth=12,
@@ -160,11 +161,6 @@ def profile_steps(step, count: int = 10) -> dict:
                         for key, sec in top]}
 
 
-def timm_fused_attn() -> bool:
-    from timm.layers import use_fused_attn
-    return use_fused_attn()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -175,8 +171,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--arch", default="default", choices=["default", *ARCHS])
     parser.add_argument("--peak-size", type=int, default=1024)
-    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True)")
+    parser.add_argument("--optimizer", default="pipeline", choices=["pipeline", "fused", "loop"],
+                        help="AdamW's implementation: fused (one kernel), loop (torch's default "
+                             "on CPU: a Python loop over the parameters), or what training uses "
+                             "(pipeline: fused on CPU and CUDA; anyorder.train)")
+    parser.add_argument("--fused", dest="optimizer", action="store_const", const="fused",
+                        help=argparse.SUPPRESS)  # the older spelling of --optimizer fused
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--attention", default="pipeline", choices=["pipeline", "fused", "plain"],
+                        help="timm's attention kernel: fused (scaled_dot_product_attention), "
+                             "plain (two matmuls + softmax), or what training uses (pipeline: "
+                             "fused on a GPU, plain on CPU; anyorder.train)")
     parser.add_argument("--profile", default="", help="also profile 10 LayerShuffle steps "
                                                       "(torch.profiler, CPU) into this JSON")
     parser.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
@@ -188,11 +193,16 @@ def main() -> None:
                               enabled=args.dtype == "bf16")
     model, size = make_model(args.arch, device)
     model.train()
+    fused_attention = args.attention == "fused" or (args.attention == "pipeline"
+                                                    and device.type == "cuda")
+    model.use_fused_attention(fused_attention)  # model.vit's modules: timm_plain runs it too
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, size, size, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
     variants = ["timm_plain", "sequential", "layershuffle"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.fused or None)
+    fused_adamw = args.optimizer == "fused" or (args.optimizer == "pipeline"
+                                                and device.type in FUSED_ADAMW_DEVICES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw or None)
     if args.compile:  # the blocks only: orders stay free, every block compiles once
         for block in model.vit.blocks:
             block.compile()
@@ -241,10 +251,9 @@ def main() -> None:
                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         "model": {"arch": args.arch, "image_size": size, "depth": model.depth,
                   "parameters": sum(p.numel() for p in model.parameters())},
-        # timm's attention: fused (scaled_dot_product_attention) unless TIMM_FUSED_ATTN=0
-        "timm_fused_attn": bool(timm_fused_attn()),
+        "attention": "fused" if fused_attention else "plain",
         "batch": args.batch, "steps": args.steps, "rounds": args.rounds, "dtype": args.dtype,
-        "fused_adamw": args.fused, "compiled_blocks": args.compile,
+        "fused_adamw": fused_adamw, "compiled_blocks": args.compile,
         "matmul_peak_gflops_per_s": {"median": round(peak / 1e9, 2),
                                      "min": round(min(peaks) / 1e9, 2),
                                      "max": round(max(peaks) / 1e9, 2),

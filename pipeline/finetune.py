@@ -31,7 +31,7 @@ def main() -> None:
     if run.knob("layerdrop_rate"):
         knobs["layerdrop"] = layerdrop_rates(model.depth, run.knob("layerdrop_rate"),
                                              run.knob("layerdrop_schedule"))
-    train_and_log(stage, model, cfg.training(), run.seed, FINETUNED / run_name,
+    train_and_log(stage, model, run.training(cfg), run.seed, FINETUNED / run_name,
                   PLOTS / "train" / f"finetune-{run_name}.csv", **knobs)
 
 

@@ -24,6 +24,16 @@ def test_defaults_and_types_are_parsed():
     assert runs["b"].knob("position_loss_weight") == 0.5
 
 
+def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
+    settings = settings_from_dict({"finetune": {"epochs": 8, "lr": 1e-3, "runs": {
+        "seq": {"variant": "sequential"}, "ls": {"variant": "ls", "epochs": 16, "lr": 2e-3}}}})
+    shared, runs = settings.finetune, settings.finetune.runs
+    assert (runs["seq"].training(shared).epochs, runs["seq"].training(shared).lr) == (8, 1e-3)
+    own = runs["ls"].training(shared)
+    assert (own.epochs, own.lr) == (16, 2e-3)
+    assert own.batch_size == shared.batch_size and type(own).__name__ == "TrainConfig"
+
+
 @pytest.mark.parametrize("raw,key,fragment", [
     ({"model": {"depht": 4}}, "model.depht", "unknown key"),
     ({"colour": 1}, "colour", "unknown key"),
@@ -61,6 +71,12 @@ def test_defaults_and_types_are_parsed():
     ({"finetune": {"runs": {"s": {"variant": "ls_pos", "position_embedding_dim": 0}}}},
      "finetune.runs.s.position_embedding_dim", "must be >= 1"),
     ({"evaluate": {"num_orders": 0}}, "evaluate.num_orders", "must be >= 1"),
+    ({"finetune": {"runs": {"s": {"variant": "ls", "epochs": 0}}}}, "finetune.runs.s.epochs",
+     "must be >= 1"),
+    ({"finetune": {"runs": {"s": {"variant": "ls", "lr": 0}}}}, "finetune.runs.s.lr",
+     "must be > 0"),
+    ({"finetune": {"warmup_epochs": 3, "runs": {"s": {"variant": "ls", "epochs": 2}}}},
+     "finetune.runs.s.epochs", "must be > finetune.warmup_epochs"),
     ({"pretrain": {"warmup_epochs": 50}}, "pretrain.warmup_epochs", "must be in [0, epochs"),
     ({"finetune": {"runs": {"a/b": {"variant": "ls"}}}}, "finetune.runs.a/b",
      "names may hold only letters"),

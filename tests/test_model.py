@@ -267,3 +267,21 @@ def test_timm_weights_without_cache_or_hub_fail_in_seconds(monkeypatch, tmp_path
                               "not in the local cache")
     assert ("HF_HUB_OFFLINE is set" if offline else "127.0.0.1") in message
     assert "models/weights/" in message
+
+
+def test_plain_and_fused_attention_compute_the_same_function():
+    # Training on CPU switches timm's attention to its plain form (anyorder.train): it must be
+    # the same function, gradients included, or CPU- and GPU-trained models would differ.
+    model = tiny_model("ls", seed=0)
+    images = torch.randn(3, 3, 16, 16)
+    outputs, grads = [], []
+    for fused in (True, False):
+        model.use_fused_attention(fused)
+        model.zero_grad()
+        logits = model(images, [2, 0, 3, 1])
+        logits.sum().backward()
+        outputs.append(logits.detach())
+        grads.append(model.vit.blocks[0].attn.qkv.weight.grad.clone())
+    assert all(not m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)

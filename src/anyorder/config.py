@@ -258,6 +258,10 @@ class FinetuneRun(_Section):
     layerdrop_schedule: Optional[Literal["uniform", "linear"]] = None
     # A shallower model: the start model's first `depth` blocks, trained at that depth.
     depth: Optional[int] = None
+    # The run's own schedule length and peak learning rate (null: finetune.epochs / finetune.lr).
+    # LayerShuffle has more to learn than a sequential fine-tune (every block at every slot).
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
 
     # knob -> (variants it applies to, its default)
     KNOBS: typing.ClassVar[dict[str, tuple[tuple[str, ...], Any]]] = {
@@ -267,6 +271,8 @@ class FinetuneRun(_Section):
         "layerdrop_rate": (VARIANTS, 0.0),
         "layerdrop_schedule": (VARIANTS, "uniform"),
         "depth": (VARIANTS, None),
+        "epochs": (VARIANTS, None),
+        "lr": (VARIANTS, None),
     }
 
     def check(self, key: str) -> None:
@@ -292,6 +298,15 @@ class FinetuneRun(_Section):
                  self.layerdrop_schedule)
         if self.depth is not None:
             _require(self.depth >= 1, f"{key}.depth", "must be >= 1", self.depth)
+        if self.epochs is not None:
+            _require(self.epochs >= 1, f"{key}.epochs", "must be >= 1", self.epochs)
+        if self.lr is not None:
+            _require(self.lr > 0, f"{key}.lr", "must be > 0", self.lr)
+
+    def training(self, shared: "TrainConfig") -> "TrainConfig":
+        """The run's training settings: the shared ones with the run's own epochs / lr."""
+        own = {name: value for name in ("epochs", "lr") if (value := getattr(self, name)) is not None}
+        return dataclasses.replace(shared.training(), **own)
 
     def knob(self, name: str) -> Any:
         """The value of a variant knob, its default when unset (None if the variant lacks it)."""
@@ -312,6 +327,9 @@ class FinetuneConfig(TrainConfig):
         for name, run in self.runs.items():
             _check_name(name, f"{key}.runs.{name}")
             run.check(f"{key}.runs.{name}")
+            if run.epochs is not None:  # the shared warm-up must fit the run's own schedule
+                _require(self.warmup_epochs < run.epochs, f"{key}.runs.{name}.epochs",
+                         f"must be > finetune.warmup_epochs ({self.warmup_epochs})", run.epochs)
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,15 @@ class AnyOrderViT(nn.Module):
     def sequential_order(self) -> list[int]:
         return list(range(self.depth))
 
+    def use_fused_attention(self, enabled: bool) -> None:
+        """Attention through F.scaled_dot_product_attention (timm's `fused_attn`) or timm's plain
+        form (two batched matmuls and a softmax): the same function, other kernels. Training on
+        CPU takes the plain form: PyTorch's CPU flash-attention backward is the largest single
+        cost for a few dozen tokens, and the plain form trains 1.5x faster (bench/train_bench.py)."""
+        for module in self.vit.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = enabled
+
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
         """Images (N,3,H,W) -> patch tokens (N, num_patches, D), before class token and position."""
         return self.vit.patch_embed(images)

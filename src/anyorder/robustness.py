@@ -68,15 +68,32 @@ def accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, groups:
     return correct / len(labels)
 
 
+@torch.no_grad()
 def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
                         severities: list[int], labels: np.ndarray,
                         modes: dict[str, Groups], batch_size: int,
                         device: torch.device) -> dict:
-    """Accuracy per corruption and severity, per family, and the mean over all of them."""
-    table = {name: {str(s): {mode: accuracy(model, stack[i], labels, groups, batch_size, device)
-                             for mode, groups in modes.items()}
-                    for i, s in enumerate(severities)}
-             for name, stack in corrupted.items()}
+    """Accuracy per corruption and severity, per family, and the mean over all of them.
+
+    Every corrupted version of a group's images goes through the model together (one stream of
+    batches per order, not one per corruption, severity and order: 8 forwards instead of 600
+    for an LS model's 75 sets in 8 orders); each image is still run in its group's order."""
+    sets = [(name, str(s), stack[i]) for name, stack in corrupted.items()
+            for i, s in enumerate(severities)]
+    model.to(device).eval()
+    table: dict = {name: {str(s): {} for s in severities} for name in corrupted}
+    for mode, groups in modes.items():
+        correct = np.zeros(len(sets), dtype=np.int64)
+        for indices, order in groups:
+            stacked = np.concatenate([stack[indices] for _, _, stack in sets])
+            predictions = np.concatenate([
+                model(to_model_input(stacked[start:start + batch_size], model.spec, device),
+                      order).argmax(1).cpu().numpy()
+                for start in range(0, len(stacked), batch_size)])
+            hits = predictions.reshape(len(sets), len(indices)) == labels[indices][None, :]
+            correct += hits.sum(1)
+        for (name, severity, _), count in zip(sets, correct):
+            table[name][severity][mode] = int(count) / len(labels)
 
     def mean(names, mode):
         return float(np.mean([table[n][str(s)][mode] for n in names for s in severities]))

@@ -54,8 +54,14 @@ class TrainResult:
     state_dir: Optional[Path] = None  # where the resume state lives (remove it once saved)
 
 
+# Devices with torch's fused AdamW kernel: one kernel per step instead of a Python loop over the
+# parameters, 1.4-1.5x the training throughput of the default model on 2 CPU cores (bench/).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases, norms, position embeddings and class token are not weight-decayed."""
+    """AdamW (fused where the parameters' device has the kernel); biases, norms, position
+    embeddings and class token are not weight-decayed."""
     skip = {f"vit.{name}" for name in getattr(model.vit, "no_weight_decay", lambda: set())()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -64,7 +70,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         (no_decay if param.ndim <= 1 or name in skip or "slot_table" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    device = next(model.parameters()).device.type
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device in FUSED_ADAMW_DEVICES or None)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -158,6 +165,8 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     fingerprint = _fingerprint(model, cfg, seed, train_data, fingerprint_extra + json.dumps(extra),
                                order_sampling, position_loss_weight, epoch_noise is not None)
     model.to(device)
+    # Flash attention on a GPU; on CPU its backward is slow for short sequences (model.py).
+    model.use_fused_attention(device.type == "cuda")
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, cfg.schedule))
