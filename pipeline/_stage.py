@@ -17,7 +17,6 @@ not declare, so `dvc repro` can never keep outputs that depend on an undeclared 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import re
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import yaml  # noqa: E402
 
+import _tracking  # noqa: E402
 import workspace  # noqa: E402
 from processes import die_with_parent  # noqa: E402
 from anyorder.config import Settings, load_settings  # noqa: E402
@@ -49,6 +49,10 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
     root = str(Path(stage_file or __file__).resolve().parents[1])
     marker = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
     return Path(root.split(marker)[0]) if marker in root else Path(root)
+
+
+# Started now, while the stage goes on to import torch: see _tracking.
+_tracking.start_early(project_root())
 
 
 # Outputs, relative to the directory DVC runs stages in (the project, or a temp experiment copy).
@@ -247,81 +251,47 @@ class Tracker:
     """The stage's MLflow run. MLflow mirrors what DVC tracks, so once the run is open a failing
     call is a warning, not a failed stage: the outputs are written either way, and the warning
     says MLflow missed the rest of this run. Calls: log_params, log_metrics, log_metric,
-    log_dict, log_artifact, log_artifacts, set_tag (as in `mlflow`)."""
+    log_dict, log_artifact, log_artifacts, set_tag (as in `mlflow`; they return nothing)."""
 
-    def __init__(self, stage: str):
-        self.stage, self.broken = stage, False
+    def __init__(self, stage: str, backend):
+        self.stage, self.backend, self.broken = stage, backend, False
 
     def __getattr__(self, name: str):
-        import mlflow
-        call = getattr(mlflow, name)
-
         def guarded(*args, **kwargs):
             if self.broken:
                 return None
             try:
-                return call(*args, **kwargs)
-            except Exception as exc:
+                return self.backend.call(name, *args, **kwargs)
+            except _tracking.CallFailed as exc:
                 self.broken = True
-                warnings.warn(f"{self.stage}: MLflow stopped answering ({type(exc).__name__}: "
-                              f"{str(exc)[:300]}); the stage goes on and writes its outputs, but "
-                              f"MLflow misses the rest of this run", stacklevel=2)
+                warnings.warn(f"{self.stage}: MLflow stopped answering ({exc}); the stage goes "
+                              f"on and writes its outputs, but MLflow misses the rest of this "
+                              f"run", stacklevel=2)
         return guarded
 
 
 @contextmanager
-def _project_lock(name: str) -> Iterator[None]:
-    """An exclusive lock shared by every process on this machine working on this project."""
-    path = project_root() / ".anyorder" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _experiment_and_parent(client, name: str, group: str, tags: dict) -> tuple[str, str]:
-    """The experiment and the parent run of this pipeline run, each created once even when
-    stages start together: the lookup-or-create runs under a project lock."""
-    with _project_lock("mlflow"):
-        experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            name, (project_root() / "mlartifacts").as_uri())
-        found = client.search_runs([experiment_id], filter_string=(
-            f"tags.`anyorder.pipeline_run_id` = '{group}' and tags.`anyorder.role` = 'pipeline'"),
-            max_results=1)
-        if found:
-            return experiment_id, found[0].info.run_id
-        parent = client.create_run(experiment_id, run_name=f"pipeline {group}", tags={
-            **tags, "anyorder.pipeline_run_id": group, "anyorder.role": "pipeline"})
-        client.set_terminated(parent.info.run_id)
-        return experiment_id, parent.info.run_id
-
-
-@contextmanager
-def track(stage: Stage, extra_params: Optional[dict] = None) -> Iterator[Tracker]:
+def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = False
+          ) -> Iterator[Tracker]:
     """An MLflow run for the stage, nested under its pipeline run's parent, with the stage's
     declared params logged. Opened here, before the stage computes: an unreachable or broken
-    store stops the stage (exit 2, nothing written). Later failures: see `Tracker`."""
-    import mlflow
-
+    store stops the stage (exit 2, nothing written). Later failures: see `Tracker`. The calls
+    go to the MLflow helper process when the stage has one (`_tracking`); `in_process`: to
+    MLflow in this process (for a stage that also uses MLflow directly)."""
     uri = tracking_uri(stage.settings)
     group = pipeline_run_id(stage.params_path)
     tags = {"anyorder.pipeline_run_id": group}
     if os.environ.get("ANYORDER_PREFECT_FLOW_RUN_ID"):
         tags["prefect.flow_run_id"] = os.environ["ANYORDER_PREFECT_FLOW_RUN_ID"]
+    mlflow = _tracking.backend(in_process)
     try:
-        mlflow.set_tracking_uri(uri)
-        experiment_id, parent_id = _experiment_and_parent(
-            mlflow.MlflowClient(), stage.settings.mlflow.experiment, group, tags)
-        mlflow.start_run(experiment_id=experiment_id, run_name=stage.name, tags={
-            **tags, "anyorder.role": "stage", "anyorder.stage": stage.name,
-            "mlflow.parentRunId": parent_id})
-    except Exception as exc:
-        first_line = (str(exc).splitlines() or [""])[0][:300]
-        fail(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {first_line}); "
+        mlflow.open(uri=uri, experiment=stage.settings.mlflow.experiment, group=group,
+                    tags=tags, stage=stage.name, root=str(project_root()))
+    except _tracking.TrackingUnavailable as exc:
+        fail(f"MLflow tracking store {uri} cannot be used ({exc}); "
              f"start it, or point mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) at "
              f"a store that works. Nothing was computed.")
-    tracker = Tracker(stage.name)
+    tracker = Tracker(stage.name, mlflow)
     status = "FAILED"
     try:
         params = {**declared_values(stage), **(extra_params or {})}
@@ -331,3 +301,4 @@ def track(stage: Stage, extra_params: Optional[dict] = None) -> Iterator[Tracker
         status = "FINISHED"
     finally:
         tracker.end_run(status=status)
+        mlflow.close()

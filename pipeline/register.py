@@ -88,7 +88,8 @@ def main() -> None:
             "anyorder.pipeline_run_id": pipeline_run_id(stage.params_path)}
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    with track(stage) as tracker:
+    # In-process MLflow: the model is logged into this stage's run (not by a helper process).
+    with track(stage, in_process=True) as tracker:
         import mlflow
 
         try:  # the registry is this stage's output: failing to write it fails the stage

@@ -1,20 +1,22 @@
 """MLflow grouping: the stage runs of one pipeline run share one parent, even when stages start
 at the same moment (a DVC queue with several workers, two shells)."""
+import os
 import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, copy_tiny_project
 
 RACER = """
 import sys, time
 sys.path.insert(0, {pipeline!r})
-import _stage, mlflow
+import _tracking, mlflow
+from pathlib import Path
 mlflow.set_tracking_uri({uri!r})
 client = mlflow.MlflowClient()
 while time.time() < {start}:  # all processes leave the starting line together
     time.sleep(0.001)
-print(_stage._experiment_and_parent(client, "race", "pipeline-run-42", {{}})[1])
+print(_tracking.experiment_and_parent(client, "race", "pipeline-run-42", {{}}, Path({root!r}))[1])
 """
 
 
@@ -24,7 +26,8 @@ def test_stages_starting_together_create_one_parent_run(tmp_path):
     mlflow.MlflowClient(uri).search_experiments()  # create the store (its schema) up front
     start = time.time() + 8  # time enough for every process to import MLflow first
     racers = [subprocess.Popen([sys.executable, "-c", RACER.format(
-        pipeline=str(ROOT / "pipeline"), uri=uri, start=start)], stdout=subprocess.PIPE,
+        pipeline=str(ROOT / "pipeline"), uri=uri, start=start,
+        root=str(tmp_path))], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [racer.communicate(timeout=120) for racer in racers]
     assert all(racer.returncode == 0 for racer in racers), [err for _, err in outputs]
@@ -35,3 +38,65 @@ def test_stages_starting_together_create_one_parent_run(tmp_path):
     found = client.search_runs([experiment.experiment_id],
                                "tags.`anyorder.pipeline_run_id` = 'pipeline-run-42'")
     assert [run.info.run_id for run in found] == list(parents)
+
+
+# -- the MLflow helper process (pipeline/_tracking.py) ---------------------------------------------
+
+PROBE = """
+import atexit, os, sys
+def _report():
+    if sys.argv and sys.argv[0].endswith("prepare.py"):
+        with open(os.environ["PROBE_FILE"], "w") as f:
+            f.write(str("mlflow" in sys.modules))
+atexit.register(_report)
+if sys.argv and sys.argv[0].endswith("_tracking.py") and os.environ.get("HELPER_DIES"):
+    import mlflow
+    def die(*args, **kwargs):
+        os._exit(3)
+    mlflow.log_metrics = die
+"""
+
+
+def run_prepare(root, tmp_path, run_id: str, **env):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(PROBE)
+    environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+               "PYTHONPATH": str(hooks), "PROBE_FILE": str(tmp_path / "probe"),
+               "ANYORDER_PIPELINE_RUN_ID": run_id, **env}
+    proc = subprocess.run([sys.executable, "pipeline/prepare.py"], cwd=root, env=environ,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc, (tmp_path / "probe").read_text() == "True"
+
+
+def stage_run(root, run_id: str):
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("anyorder")
+    [found] = client.search_runs([experiment.experiment_id], (
+        f"tags.`anyorder.pipeline_run_id` = '{run_id}' and tags.`anyorder.role` = 'stage'"))
+    return found
+
+
+def test_a_stage_hands_mlflow_to_its_helper_and_records_the_same_run(tmp_path):
+    root = copy_tiny_project(tmp_path / "p")
+    _, imported = run_prepare(root, tmp_path, "with-helper")
+    assert not imported  # MLflow ran in the helper process, not in the stage's
+    _, imported = run_prepare(root, tmp_path, "in-process", ANYORDER_MLFLOW_HELPER="0")
+    assert imported
+    helped, direct = stage_run(root, "with-helper"), stage_run(root, "in-process")
+    assert helped.info.status == direct.info.status == "FINISHED"
+    assert helped.data.params == direct.data.params and helped.data.params
+    assert helped.data.metrics == direct.data.metrics and helped.data.metrics
+    assert helped.data.tags["anyorder.stage"] == "prepare"
+    assert helped.data.tags["mlflow.parentRunId"] != direct.data.tags["mlflow.parentRunId"]
+
+
+def test_a_helper_that_dies_mid_stage_is_a_warning_and_the_outputs_are_written(tmp_path):
+    root = copy_tiny_project(tmp_path / "p")
+    proc, _ = run_prepare(root, tmp_path, "helper-dies", HELPER_DIES="1")
+    assert "prepare: MLflow stopped answering (MLflow helper process exited (code 3))" in \
+        proc.stderr
+    assert (root / "data/prepared/meta.json").is_file()
+    assert stage_run(root, "helper-dies").info.status == "RUNNING"  # as if MLflow were killed
