@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # machine has no internet and nothing may hang on it). It is defined once, in pipeline/env.py.
 QUIET = $(PY) pipeline/env.py
 
-.PHONY: setup run study test test-fast mlflow-ui serve trigger flow-run serve-model cluster bench-serving
+.PHONY: setup run study recipe-study test test-fast mlflow-ui serve trigger flow-run serve-model cluster bench-serving
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ run: setup
 # `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 15 min.
 study: run
 	$(QUIET) $(PY) pipeline/study.py --seeds 0 1 2
+
+# The recipe study: does params.yaml's LayerShuffle recipe hold on harder data? Distorted digits
+# (10,000 28x28 images built from the embedded ones), the baseline and candidate LS recipes;
+# writes metrics/study/recipe_<level>.{json,md}. About 20 min per level on 2 cores.
+recipe-study: setup
+	$(QUIET) $(PY) pipeline/recipe_study.py --level medium --candidates ls ls_epochs2 ls_epochs3
+	$(QUIET) $(PY) pipeline/recipe_study.py --level hard --candidates ls ls_epochs2 ls_epochs3
 
 # Two workers, one test file each at a time (module fixtures stay in one process); every torch
 # in the tests uses one thread, so the two never fight over the cores.
