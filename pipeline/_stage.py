@@ -270,6 +270,15 @@ class Tracker:
         return guarded
 
 
+def require_mlflow(stage: Stage) -> None:
+    """Exit 2 if MLflow is switched off (ANYORDER_TRACKING=off): for a stage whose output is
+    in MLflow itself (the registry)."""
+    if _tracking.tracking_off():
+        fail(f"{stage.name} writes into MLflow itself and MLflow is off "
+             f"({_tracking.OFF}={os.environ[_tracking.OFF]}); unset {_tracking.OFF} (MLflow must "
+             f"be installed) to run it. Nothing was computed.")
+
+
 @contextmanager
 def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = False
           ) -> Iterator[Tracker]:
@@ -283,6 +292,8 @@ def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = 
     tags = {"anyorder.pipeline_run_id": group}
     if os.environ.get("ANYORDER_PREFECT_FLOW_RUN_ID"):
         tags["prefect.flow_run_id"] = os.environ["ANYORDER_PREFECT_FLOW_RUN_ID"]
+    if in_process:
+        require_mlflow(stage)
     mlflow = _tracking.backend(in_process)
     try:
         mlflow.open(uri=uri, experiment=stage.settings.mlflow.experiment, group=group,

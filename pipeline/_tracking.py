@@ -13,6 +13,11 @@ before it exits; if the stage dies, the helper reads the end of its input and ex
 a dvc.yaml command runs); anywhere else (tests, the Prefect flow, a stage that must use MLflow
 in-process, like `register` that logs a model into its run) the calls go to MLflow in this
 process: `backend(in_process)` picks. ANYORDER_MLFLOW_HELPER=0 switches the helper off.
+
+ANYORDER_TRACKING=off switches MLflow off altogether, for a machine that has the library's
+packages but not MLflow (a lent GPU box): the stages compute and write their outputs and metrics/
+as usual (what DVC tracks), and nothing goes to MLflow. `register`, whose output is MLflow's
+registry, refuses to run then.
 """
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ from typing import Any, Iterator, Optional
 
 PIPELINE = Path(__file__).resolve().parent
 SWITCH = "ANYORDER_MLFLOW_HELPER"
+OFF = "ANYORDER_TRACKING"
+
+
+def tracking_off() -> bool:
+    """ANYORDER_TRACKING=off (or 0, false, no): no MLflow at all (see the module doc)."""
+    return os.environ.get(OFF, "").strip().lower() in ("off", "0", "false", "no")
 
 
 class TrackingUnavailable(Exception):
@@ -79,6 +90,20 @@ def open_run(mlflow, uri: str, experiment: str, group: str, tags: dict, stage: s
     mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags={
         **tags, "anyorder.role": "stage", "anyorder.stage": stage,
         "mlflow.parentRunId": parent_id})
+
+
+class Off:
+    """No MLflow (ANYORDER_TRACKING=off): every call is accepted and dropped."""
+
+    def open(self, **request: Any) -> None:
+        print(f"MLflow off ({OFF}=off): {request.get('stage', 'this stage')} writes its outputs "
+              f"and metrics as usual; nothing is logged to MLflow", file=sys.stderr, flush=True)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class InProcess:
@@ -184,7 +209,7 @@ def start_early(root: Path) -> None:
     a torchrun launch included and the other ranks not (they never track)."""
     global _helper
     script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if (_helper is not None or os.environ.get(SWITCH, "1") == "0"
+    if (_helper is not None or os.environ.get(SWITCH, "1") == "0" or tracking_off()
             or os.environ.get("RANK", "0") != "0" or script is None
             or script.parent != PIPELINE or script.name not in _stage_scripts(root)):
         return
@@ -196,6 +221,8 @@ def backend(in_process: bool = False):
     ask for MLflow in-process; a helper not wanted is let go), else this process."""
     if _helper is not None and in_process:
         _helper.close()
+    if tracking_off():
+        return Off()
     return _helper or InProcess()
 
 

@@ -7,8 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from _stage import (EXPORTS, METRICS, begin, fail, pipeline_run_id, read_json, track,
-                    user_errors)
+from _stage import (EXPORTS, METRICS, begin, fail, pipeline_run_id, read_json, require_mlflow,
+                    track, user_errors)
 
 from anyorder.files import atomic_write_json, sha256_file
 from anyorder.gates import check_gates
@@ -78,6 +78,7 @@ def register_export(export_dir: Path, model_name: str, alias: str, verdict: dict
 
 def main() -> None:
     stage = begin(__doc__, "register")
+    require_mlflow(stage)  # the registry is MLflow's: nothing to do with MLflow off
     cfg = stage.settings.register
     export_dir = EXPORTS / cfg.export
     with user_errors():

@@ -100,3 +100,36 @@ def test_a_helper_that_dies_mid_stage_is_a_warning_and_the_outputs_are_written(t
         proc.stderr
     assert (root / "data/prepared/meta.json").is_file()
     assert stage_run(root, "helper-dies").info.status == "RUNNING"  # as if MLflow were killed
+
+
+# -- MLflow off (ANYORDER_TRACKING=off): a machine with the library's packages but not MLflow ------
+
+NO_MLFLOW = 'raise ImportError("no MLflow on this machine (test)")\n'
+
+
+def test_with_tracking_off_a_stage_runs_where_mlflow_is_missing_and_register_refuses(tmp_path):
+    root = copy_tiny_project(tmp_path / "p")
+    (tmp_path / "fake" / "mlflow").mkdir(parents=True)
+    (tmp_path / "fake" / "mlflow" / "__init__.py").write_text(NO_MLFLOW)
+    environ = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+
+    def stage(script, **env):
+        return subprocess.run([sys.executable, f"pipeline/{script}"], cwd=root,
+                              env={**environ, **env}, capture_output=True, text=True, timeout=300)
+
+    # Without the switch, a missing MLflow stops the stage before it computes anything.
+    refused = stage("prepare.py")
+    assert refused.returncode == 2 and "cannot be used" in refused.stderr
+    assert not (root / "data/prepared").exists()
+    # With it, the stage writes its outputs as usual, and no MLflow store appears.
+    off = stage("prepare.py", ANYORDER_TRACKING="off")
+    assert off.returncode == 0, off.stderr
+    assert "MLflow off (ANYORDER_TRACKING=off): prepare writes its outputs" in off.stderr
+    assert (root / "data/prepared/meta.json").is_file()
+    assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists()
+    # register's output is MLflow's registry: it refuses, naming the switch, before reading.
+    register = stage("register.py", ANYORDER_TRACKING="off")
+    assert register.returncode == 2
+    assert "register writes into MLflow itself and MLflow is off (ANYORDER_TRACKING=off)" in \
+        register.stderr

@@ -190,17 +190,25 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=bool(layerdrop))
     order_rank = dist.rank if cfg.order_scope == "rank" else 0
-    images = torch.as_tensor(train_x)  # uint8 stays compact; converted per batch
-    labels = torch.as_tensor(train_y, dtype=torch.long)
+    # The training split goes to the device once, as compact uint8, and each batch is indexed,
+    # converted and augmented there: no host-to-device copy per step.
+    images = torch.as_tensor(train_x).to(device)
+    labels = torch.as_tensor(train_y, dtype=torch.long).to(device)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for epoch in range(start_epoch, cfg.epochs):
         epoch_started = time.perf_counter()
         model.train()
-        permutation = torch.randperm(len(images), generator=generator_for(seed, epoch, STREAM_BATCHES))
+        permutation = torch.randperm(len(images), generator=generator_for(
+            seed, epoch, STREAM_BATCHES)).to(device)
         augment_gen = generator_for(seed, epoch, STREAM_AUGMENT)
         orders = epoch_orders(seed, epoch, len(images), cfg.batch_size, model.depth, shuffle,
                               per_sample, layerdrop, rank=order_rank)
-        totals = {"loss": 0.0, "position_loss": 0.0, "noisy_loss": 0.0, "correct": 0, "seen": 0}
+        # The epoch's sums stay on the device (float64: the same arithmetic as Python floats)
+        # and the loss's finiteness is a device flag: on a GPU no step waits for the host.
+        # On CPU, where reading them costs nothing, a diverged loss is caught at its own step.
+        sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=device)
+        seen_total = 0
+        nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
         noise, noise_record = None, {}
         if epoch_noise is not None:
             noise, noise_record = epoch_noise(model, generator_for(seed, epoch, STREAM_NOISE))
@@ -243,11 +251,10 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                     if noisy is not None:
                         noisy_loss = loss_terms.cross_entropy(noisy, targets)
                         total = total + noisy_loss.backward_term
-                if not torch.isfinite(total):
-                    raise TrainingDiverged(
-                        f"the training loss became {total.item()} at epoch {epoch + 1}, step "
-                        f"{step + 1} (lr {scheduler.get_last_lr()[0]:.3g}); lower the learning "
-                        f"rate or set grad_clip. No model was saved.")
+                nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(total),
+                                             step, nonfinite_step)
+                if device.type == "cpu" or step == steps_per_epoch - 1:
+                    _stop_if_diverged(nonfinite_step, total, epoch, scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip:
@@ -255,17 +262,19 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                 optimizer.step()
                 scheduler.step()
                 seen = len(targets)
-                totals["loss"] += loss.mean.item() * seen
-                totals["position_loss"] += position_loss.mean.item() * seen
-                totals["noisy_loss"] += noisy_loss.mean.item() * seen
-                totals["correct"] += (logits.argmax(1) == targets).sum().item()
-                totals["seen"] += seen
+                sums += torch.stack([loss.mean.detach().double() * seen,
+                                     position_loss.mean.detach().double() * seen,
+                                     noisy_loss.mean.detach().double() * seen,
+                                     (logits.argmax(1) == targets).sum().double()])
+                seen_total += seen
                 if bar is not None:
+                    totals = _totals(sums, seen_total)
                     bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
                                     acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
                     bar.update(1)
         if bar is not None:
             bar.close()
+        totals = _totals(sums, seen_total)
         if dist.active:  # the epoch's figures over every rank's shard
             keys = sorted(totals)
             totals = dict(zip(keys, distributed.all_sum([totals[k] for k in keys], dist,
@@ -347,6 +356,28 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
     remove_state(result)
     distributed.barrier(dist)
     return result
+
+
+SUMMED = ("loss", "position_loss", "noisy_loss", "correct")  # an epoch's per-step sums
+
+
+def _totals(sums: torch.Tensor, seen: int) -> dict:
+    """The epoch's sums (on the device) as Python numbers, with the count of images seen."""
+    values = sums.tolist()
+    totals = dict(zip(SUMMED, values), seen=seen)
+    totals["correct"] = int(round(totals["correct"]))
+    return totals
+
+
+def _stop_if_diverged(nonfinite_step: torch.Tensor, total: torch.Tensor, epoch: int,
+                      scheduler) -> None:
+    """Raise TrainingDiverged if a step of this epoch had a non-finite loss (its first)."""
+    step = int(nonfinite_step)
+    if step >= 0:
+        raise TrainingDiverged(
+            f"the training loss became non-finite ({float(total)} at the last step checked) at "
+            f"epoch {epoch + 1}, step {step + 1} (lr {scheduler.get_last_lr()[0]:.3g}); lower "
+            f"the learning rate or set grad_clip. No model was saved.")
 
 
 def _validate(model: AnyOrderViT, val_data, seed: int, epoch: int, device) -> dict:
