@@ -36,7 +36,7 @@ from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import yaml  # noqa: E402
 
-from _stage import _interpolate  # noqa: E402  (dvc.yaml's ${...} as the stages read it)
+from _stage import _interpolate, foreach_entries  # noqa: E402  (dvc.yaml as the stages read it)
 
 
 def _paths(entries: list, key, item, params: dict) -> list[str]:
@@ -53,12 +53,7 @@ def stages(dvc_yaml: Path, params: dict) -> dict[str, dict]:
     found = {}
     for name, entry in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
         body = entry.get("do", entry)
-        items: dict = {None: None}
-        if "foreach" in entry:
-            mapping = params
-            for part in entry["foreach"].strip("${} ").split("."):
-                mapping = mapping[part]
-            items = mapping
+        items = foreach_entries(entry, params) if "foreach" in entry else {None: None}
         for key, item in items.items():
             found[f"{name}@{key}" if key is not None else name] = {
                 "cmd": _interpolate(body["cmd"], key, item, params),
@@ -113,19 +108,19 @@ def run_all(graph: dict[str, dict], workers: int, logs: Path,
                 command = shlex.split(graph[name]["cmd"])
                 if command[0] in ("python", "python3"):
                     command[0] = sys.executable
-                log = open(logs / f"{name.replace('@', '_')}.log", "w")
+                log = open(logs / f"{name.replace('@', '_')}.log", "w+")
                 running[name] = (subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                                   stderr=subprocess.STDOUT), time.perf_counter(),
                                  log)
                 print(f"start {name}", flush=True)
         for name, (process, started, log) in list(running.items()):
             if process.poll() is not None:
-                log.close()
                 done[name] = {"seconds": round(time.perf_counter() - started, 1),
                               "returncode": process.returncode}
                 if process.returncode:
-                    text = (logs / f"{name.replace('@', '_')}.log").read_text()
-                    done[name]["log_tail"] = text[-3000:]
+                    log.seek(0)
+                    done[name]["log_tail"] = log.read()[-3000:]
+                log.close()
                 print(f"done {name}: {done[name]['seconds']} s, exit {process.returncode}",
                       flush=True)
                 del running[name]

@@ -116,17 +116,20 @@ def _interpolate(text: str, key: Optional[str], item: Any, params: dict) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
+def foreach_entries(entry: dict, params: dict) -> dict:
+    """The mapping a dvc.yaml foreach stage expands (`foreach: ${finetune.runs}`: its entries)."""
+    mapping: Any = params
+    for part in entry["foreach"].strip("${} ").split("."):
+        mapping = mapping[part]
+    return mapping
+
+
 def declared(stage: str, field: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     """The `params` or `deps` entries of a stage (`name` or `name@key`), interpolated."""
     name, _, key = stage.partition("@")
     entry = yaml.safe_load(dvc_yaml.read_text())["stages"][name]
     body = entry.get("do", entry)
-    item = None
-    if "foreach" in entry and key:
-        mapping: Any = params
-        for part in entry["foreach"].strip("${} ").split("."):
-            mapping = mapping[part]
-        item = mapping[key]
+    item = foreach_entries(entry, params)[key] if "foreach" in entry and key else None
     items: list[str] = []
     for element in body.get(field, []):
         if isinstance(element, dict):  # {params-file: [keys]}; only params.yaml is used here
