@@ -253,7 +253,10 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                         total = total + noisy_loss.backward_term
                 nonfinite_step = torch.where((nonfinite_step < 0) & ~torch.isfinite(total),
                                              step, nonfinite_step)
-                if device.type == "cpu" or step == steps_per_epoch - 1:
+                # What the host reads from the device (the divergence flag, the bar's figures):
+                # every step on CPU, where it costs nothing; on a GPU once, at the epoch's end.
+                read_now = device.type == "cpu" or step == steps_per_epoch - 1
+                if read_now:
                     _stop_if_diverged(nonfinite_step, total, epoch, scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -268,9 +271,11 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
                                      (logits.argmax(1) == targets).sum().double()])
                 seen_total += seen
                 if bar is not None:
-                    totals = _totals(sums, seen_total)
-                    bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
-                                    acc=f"{totals['correct'] / totals['seen']:.3f}", refresh=False)
+                    if read_now:
+                        totals = _totals(sums, seen_total)
+                        bar.set_postfix(loss=f"{totals['loss'] / totals['seen']:.3f}",
+                                        acc=f"{totals['correct'] / totals['seen']:.3f}",
+                                        refresh=False)
                     bar.update(1)
         if bar is not None:
             bar.close()
