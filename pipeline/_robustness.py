@@ -3,30 +3,23 @@ to metrics/robustness/<name>.json. Kept out of _stage.py so that stages that eva
 robustness do not depend on that code."""
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Optional
+
 import numpy as np
 
 from _stage import CORRUPTED, METRICS, PREPARED, fail, read_json
 
 from anyorder.data import load_split
 from anyorder.files import atomic_write_json
-from anyorder.nullspace import SynthesisSettings, synthesis_batches
+from anyorder.nullspace import SynthesisSettings
 from anyorder.robustness import accuracy, evaluate_robustness, order_groups
 
 
 def synthesis_settings(settings) -> SynthesisSettings:
-    """nullspace.synthesis (and the batch size it draws batches of) as library settings."""
+    """nullspace.synthesis as the library's settings."""
     s = settings.nullspace.synthesis
-    return SynthesisSettings(lim=s.lim, lr=s.lr, epsilon=s.epsilon, rounds=s.rounds,
-                             fraction=s.fraction, log_norm_weight=s.log_norm_weight,
-                             batch_size=settings.nullspace.batch_size)
-
-
-def check_synthesis(settings) -> SynthesisSettings:
-    """Synthesis settings that select at least one training batch (else ValueError naming the
-    key): call inside user_errors(), before any compute."""
-    synthesis = synthesis_settings(settings)
-    synthesis_batches(len(load_split(PREPARED, "train")[1]), synthesis)
-    return synthesis
+    return SynthesisSettings(**{f.name: getattr(s, f.name) for f in fields(SynthesisSettings)})
 
 
 def load_corrupted(settings) -> dict[str, np.ndarray]:
@@ -45,9 +38,11 @@ def load_corrupted(settings) -> dict[str, np.ndarray]:
     return out
 
 
-def evaluate_and_write(settings, model, name: str, device, mlflow, start=None) -> dict:
+def evaluate_and_write(settings, model, name: str, device, mlflow, start=None,
+                       training_synthesis: Optional[list[dict]] = None) -> dict:
     """Robustness of `model` on the test split, to metrics/robustness/<name>.json and MLflow;
-    with `start` (the model a fine-tune began from), also its clean accuracy in the same modes."""
+    with `start` (the model a fine-tune began from), also its clean accuracy in the same modes;
+    with `training_synthesis` (a nullspace fine-tune's noise, per epoch), that record too."""
     images, labels = load_split(PREPARED, "test")
     train_images, _ = load_split(PREPARED, "train")
     corrupted = load_corrupted(settings)
@@ -60,6 +55,10 @@ def evaluate_and_write(settings, model, name: str, device, mlflow, start=None) -
         metrics["start_clean_accuracy"] = {
             mode: accuracy(start, images, labels, groups, cfg.batch_size, device)
             for mode, groups in modes.items()}
+    if training_synthesis is not None:
+        metrics["training_synthesis"] = {
+            "converged_every_epoch": all(r["converged"] for r in training_synthesis),
+            "epochs": training_synthesis}
     path = METRICS / "robustness" / f"{name}.json"
     atomic_write_json(path, metrics)
     for mode in result["modes"]:

@@ -17,7 +17,8 @@ from _stage import (PREPARED, STAGE_ARGV, Stage, fail, inputs_digest, project_ro
 from anyorder import distributed
 from anyorder.compute import cores_per_process
 from anyorder.files import atomic_write_csv
-from anyorder.train import TrainingDiverged, train_and_save
+from anyorder.errors import RunFailed
+from anyorder.train import train_and_save
 
 # Resumable training state: outside DVC's outputs (DVC deletes those before a stage runs), and
 # at the real project root so that it survives `dvc exp run --temp` and the experiment queue.
@@ -55,7 +56,8 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
                   then: Optional[Callable] = None, layerdrop: Optional[list] = None) -> None:
     """Train and save with the library (resumable under STATE/<stage>), write the per-epoch plot
     CSV, mirror it all to MLflow (timings there and in the log, never in the outputs).
-    `then(mlflow)` runs after saving, inside the same MLflow run (an evaluation of the model).
+    `then(mlflow, history)` runs after saving, inside the same MLflow run (an evaluation of the
+    model; history: the per-epoch records).
     With cfg.nproc > 1 the stage first relaunches itself under torchrun; only rank 0 logs,
     writes and evaluates."""
     relaunch_under_torchrun(cfg.nproc)
@@ -72,7 +74,7 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
                                     fingerprint_extra=inputs_digest(stage) + fingerprint_extra,
                                     on_epoch_end=log_epoch, epoch_noise=epoch_noise, info=info,
                                     layerdrop=layerdrop)
-        except TrainingDiverged as exc:
+        except RunFailed as exc:
             fail(f"{stage.name}: {exc}", code=1)
         if not main:
             return
@@ -81,7 +83,7 @@ def train_and_log(stage: Stage, model, cfg, seed: int, out_dir: Path, plot_csv: 
                             "resumed_from_epoch": result.resumed_from_epoch})
         mlflow.log_artifacts(str(out_dir), artifact_path="model")
         if then is not None:
-            then(mlflow)
+            then(mlflow, result.history)
     # Saved: no state of this stage is worth resuming any more, also none left by a run with
     # other settings that was killed.
     shutil.rmtree(STATE / stage.name, ignore_errors=True)

@@ -8,7 +8,7 @@ Writes metrics/evaluate/<run>.json (summary + the exact orders), plots/orders/<r
 import json
 
 from _evaluation import evaluate_and_prune
-from _robustness import check_synthesis, evaluate_and_write, load_corrupted
+from _robustness import evaluate_and_write, load_corrupted
 from _stage import FINETUNED, PREPARED, begin, track, user_errors
 
 from anyorder.checkpoint import SPEC, load_model
@@ -23,7 +23,6 @@ def main() -> None:
         device = resolve_device(cfg.device, "evaluate.device")
         pruning_device = resolve_device(stage.settings.pruning.device, "pruning.device")
         robustness_device = resolve_device(stage.settings.robustness.device, "robustness.device")
-        check_synthesis(stage.settings)
         load_corrupted(stage.settings)
         test = load_split(PREPARED, "test")
     model_dir = FINETUNED / run_name

@@ -5,7 +5,7 @@ kept) and `depth` (a shallower model: the pre-trained model's first `depth` bloc
 from _stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
 from _training import train_and_log
 
-from anyorder.checkpoint import load_model, load_model_into
+from anyorder.checkpoint import load_model, load_start_weights
 from anyorder.model import build_model, variant_spec
 from anyorder.orders import layerdrop_rates
 from anyorder.tensors import resolve_device
@@ -23,9 +23,9 @@ def main() -> None:
                  f"model ({base.depth} blocks); a shallower model keeps its first blocks")
         spec = variant_spec(base, run)
         model = build_model(spec, seed=run.seed)  # seeds the variant's new parts
-    # Variant-only parts (LS-pos adapters, LS-pred heads) keep their fresh initialisation; a
-    # shallower model takes the first `depth` blocks (the others are not in its state dict).
-    load_model_into(model, PRETRAINED, strict=False)
+        # Strict: only the variant's new parts (LS-pos adapters, LS-pred heads) keep their
+        # fresh initialisation; a shallower model takes the first `depth` blocks.
+        load_start_weights(model, PRETRAINED)
     knobs = {name: value for name in ("order_sampling", "position_loss_weight")
              if (value := run.knob(name)) is not None}  # only the variant's own knobs
     if run.knob("layerdrop_rate"):

@@ -17,7 +17,7 @@ from anyorder.checkpoint import WEIGHTS, load_model, save_model
 from anyorder.data import load_split
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
 from anyorder.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,
-                            merge_models)
+                            merge_models, slot_table_sources)
 from anyorder.tensors import resolve_device
 
 
@@ -70,6 +70,7 @@ def main() -> None:
         merged_score = scorer(merged)
         card = {"name": name, "generator": entry.generator, "seed": entry.seed,
                 "recipe": result.recipe.to_dict(),
+                "slot_tables": slot_table_sources(result.recipe, merged),
                 "sources": {s: {"path": p, "sha256": sha256_file(Path(p) / WEIGHTS)}
                             for s, p in sources.items()},
                 "validation": {"split": "val", "mode": scorer.mode(merged),

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from _robustness import check_synthesis, evaluate_and_write, load_corrupted
+from _robustness import evaluate_and_write, load_corrupted, synthesis_settings
 from _stage import NULLSPACE, PLOTS, PREPARED, begin, fail, user_errors
 from _training import train_and_log
 
@@ -33,7 +33,7 @@ def main() -> None:
         if not (Path(arm.start) / "model.json").is_file():
             fail(f"nullspace.arms.{arm_name}.start: {arm.start} holds no model (model.json); "
                  f"name a model directory the pipeline writes, e.g. models/finetune/sequential")
-        synthesis = check_synthesis(stage.settings)
+        synthesis = synthesis_settings(stage.settings)
         load_corrupted(stage.settings)
         train_images, _ = load_split(PREPARED, "train")
     model = load_model(arm.start)
@@ -44,9 +44,23 @@ def main() -> None:
     train_and_log(stage, model, cfg.training(), arm.seed, NULLSPACE / arm_name,
                   PLOTS / "train" / f"nullspace-{arm_name}.csv", epoch_noise=noise,
                   info={"nullspace": recipe}, fingerprint_extra=json.dumps(recipe, sort_keys=True),
-                  then=lambda mlflow: evaluate_and_write(stage.settings, model, arm_name,
-                                                         robustness_device, mlflow, start=start))
+                  then=lambda mlflow, history: evaluate_and_write(
+                      stage.settings, model, arm_name, robustness_device, mlflow, start=start,
+                      training_synthesis=synthesis_per_epoch(history)))
 
+
+def synthesis_per_epoch(history: list[dict]) -> list[dict]:
+    """The noise each epoch trained on (its synthesis), from the training history; a warning
+    line for every epoch whose synthesis missed epsilon."""
+    records = [{"epoch": r["epoch"], **{k[len("noise_"):]: v for k, v in r.items()
+                                        if k.startswith("noise_")}}
+               for r in history if "noise_steps" in r]
+    for r in records:
+        if not r["converged"]:
+            print(f"warning: epoch {r['epoch']}: the noise synthesis did not reach epsilon "
+                  f"(distance {r['distance']:.4g} after {r['steps']} steps): this epoch trained "
+                  f"on noise that is not in the approximate nullspace")
+    return records
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anyorder.checkpoint import load_model, load_model_into
+from anyorder.checkpoint import load_model, load_start_weights
 from anyorder.config import FinetuneRun, load_settings
 from anyorder.data import load_split, prepare_dataset
 from anyorder.evaluate import evaluate_orders, select_best
@@ -191,7 +191,7 @@ def main() -> None:
     def finetuned(name: str, run: FinetuneRun, start: str = "pretrain"):
         def make():
             model = build_model(variant_spec(load_model(WORK / start).spec, run), seed=run.seed)
-            load_model_into(model, WORK / start, strict=False)
+            load_start_weights(model, WORK / start)
             return model
         knobs = {k: v for k in ("order_sampling", "position_loss_weight")
                  if (v := run.knob(k)) is not None}

@@ -62,7 +62,7 @@ TINY_PIPELINE = {
     "export": {"check_orders": 3,
                "models": {"ls_best": {"model": "models/selected/ls_best",
                                       "metrics": "models/selected/ls_best/evaluate.json"}}},
-    "nullspace": {"epochs": 1, "synthesis": {"fraction": 1.0, "rounds": 1},
+    "nullspace": {"epochs": 1, "synthesis": {"steps": 60, "check_images": 64},
                   "arms": {"seq_null": {"start": "models/finetune/seq", "noise": "nullspace",
                                         "seed": 0},
                            "ls_plain": {"start": "models/selected/ls_best", "noise": "none",

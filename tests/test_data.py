@@ -186,6 +186,49 @@ def test_imagefolder(image_folder: Path):
     assert (jpeg[..., 0] > 230).all() and (jpeg[..., 1:] < 25).all()
 
 
+def test_cifar_keeps_its_official_test_set(cifar10_dir: Path, tmp_path: Path):
+    raw = data.load_source("cifar10", str(cifar10_dir), 32)
+    assert raw.official["test"].tolist() == list(range(20, 24))   # test_batch, last
+    # The fixture's 2 images per class are too few to carve val from: 5 batches of 16 instead
+    # (classes 0-5: 10 training images each, 6-9: 5).
+    for b in range(1, 6):
+        rows = _cifar_rows(16, b)
+        _pickle(cifar10_dir / f"data_batch_{b}", {b"labels": [i % 10 for i in range(16)],
+                                                  b"data": rows})
+    meta = data.prepare_dataset("cifar10", str(cifar10_dir), 32, 0.25, 0.2, 0, tmp_path / "p")
+    test_x, test_y = data.load_split(tmp_path / "p", "test")
+    with open(cifar10_dir / "test_batch", "rb") as f:
+        official = pickle.load(f, encoding="bytes")
+    assert np.array_equal(test_x, official[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert test_y.tolist() == official[b"labels"]
+    assert meta["split"] == "official" and meta["official_splits"] == ["test", "train"]
+    assert meta["counts"] == {"train": 64, "val": 16, "test": 4}  # val: 6 x 2 + 4 x 1
+    with np.load(tmp_path / "p" / "val.npz") as archive:
+        assert archive["index"].max() < 80                       # val from the train batches
+    pooled = data.prepare_dataset("cifar10", str(cifar10_dir), 32, 0.25, 0.2, 0, tmp_path / "q",
+                                  split="pooled")
+    assert pooled["split"] == "pooled" and pooled["counts"]["test"] != 4
+
+
+def test_an_imagefolder_with_train_and_test_folders_keeps_them(tmp_path: Path):
+    root = tmp_path / "tree"
+    for split, count in (("train", 6), ("test", 2)):
+        for label, name in enumerate(("ant", "bee")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                value = 10 * label + (100 if split == "test" else 0) + i
+                Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(
+                    root / split / name / f"{i}.png")
+    meta = data.prepare_dataset("imagefolder", str(root), 8, 0.34, 0.2, 0, tmp_path / "p")
+    test_x, test_y = data.load_split(tmp_path / "p", "test")
+    assert meta["class_names"] == ["ant", "bee"] and meta["counts"]["test"] == 4
+    assert (test_x >= 100).all() and sorted(test_y.tolist()) == [0, 0, 1, 1]
+    assert (data.load_split(tmp_path / "p", "train")[0] < 100).all()
+    (root / "test" / "bee").rename(root / "test" / "wasp")
+    with pytest.raises(DataError, match="not in train/: wasp; missing: bee"):
+        data.load_source("imagefolder", str(root), 8)
+
+
 def test_npz_gray_with_class_names(tmp_path: Path):
     x = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
     file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 2, 1]),

@@ -92,9 +92,37 @@ def test_a_merged_block_carries_its_own_adapter_and_the_base_keeps_the_rest():
     merged = merge_models(recipe, {"a": a, "b": b}).state_dict()
     sa, sb = a.state_dict(), b.state_dict()
     for key, value in merged.items():
+        if key == "block_slot_tables":
+            continue
         from_b = any(key.startswith(p) for slot in (1, 3) for p in a.block_state_prefixes(slot))
         assert torch.equal(value, (sb if from_b else sa)[key]), key
-    assert torch.equal(merged["slot_table"], sa["slot_table"])  # shared: from the base
+
+
+def test_an_ls_pos_block_reads_the_slot_table_it_was_trained_with_in_a_merge(tmp_path):
+    """Two LS-pos runs learn different slot tables; a merged block must see, at every slot, the
+    embedding its own run gave that slot (its adapter never saw the other table)."""
+    a, b = perturbed("ls_pos", seed=1, scale=0.3), perturbed("ls_pos", seed=2, scale=0.3)
+    assert not torch.equal(a.slot_table, b.slot_table)
+    recipe = Recipe("a", {"a": "", "b": ""}, [("b", 3), ("a", 1), ("b", 0), ("a", 2)])
+    merged = merge_models(recipe, {"a": a, "b": b}).eval()
+    assert merged.spec.slot_tables == "per_block"
+    tokens = merged.forward_stem(torch.randn(2, 3, 16, 16))
+    with torch.no_grad():
+        for index, (source, block) in enumerate(recipe.slots):
+            own = {"a": a, "b": b}[source].eval()
+            for slot in range(4):  # the block at any execution slot: as in its own model
+                assert torch.equal(merged.run_block(tokens, index, slot),
+                                   own.run_block(tokens, block, slot)), (index, slot)
+    # A checkpoint like any other: saved, loaded, exported with the tables it carries.
+    save_model(merged, tmp_path / "merged")
+    again = load_model(tmp_path / "merged")
+    assert again.spec.slot_tables == "per_block"
+    assert torch.equal(again.block_slot_tables, merged.block_slot_tables)
+    export_model(merged, tmp_path / "export", "merged", 17)
+    assert check_export(merged, tmp_path / "export", 3, 0)["max_abs_error"] < 1e-4
+    from anyorder.merge import slot_table_sources
+    assert slot_table_sources(recipe, merged) == {
+        "layout": "per_block", "per_slot": ["b:3", "a:1", "b:0", "a:2"]}
 
 
 def test_blocks_move_to_the_slot_the_recipe_gives_them():

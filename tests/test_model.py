@@ -285,3 +285,50 @@ def test_plain_and_fused_attention_compute_the_same_function():
     assert all(not m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def _start_model(tmp_path, rename=None, depth=4):
+    """A pre-trained (sequential) start model on disk, optionally with one key renamed."""
+    from anyorder.checkpoint import WEIGHTS, save_model
+    start = tiny_model(depth=depth, seed=1)
+    save_model(start, tmp_path / "start")
+    if rename:
+        from safetensors.torch import load_file
+        state = load_file(tmp_path / "start" / WEIGHTS)
+        state[rename[1]] = state.pop(rename[0])
+        save_file(state, tmp_path / "start" / WEIGHTS)
+    return start
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_fine_tune_takes_every_start_weight_and_keeps_only_its_variant_parts_fresh(tmp_path,
+                                                                                      variant):
+    from anyorder.checkpoint import load_start_weights
+    start = _start_model(tmp_path)
+    model = tiny_model(variant, seed=2)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_start_weights(model, tmp_path / "start")
+    for key, value in model.state_dict().items():
+        expected = fresh[key] if key.startswith(model.variant_parts()) else start.state_dict()[key]
+        assert torch.equal(value, expected), key
+    assert any(k.startswith(model.variant_parts()) for k in fresh) == (variant in ("ls_pos",
+                                                                                  "ls_pred"))
+    shallow = tiny_model(variant, depth=2, seed=2)  # a shallower model: the first two blocks
+    load_start_weights(shallow, tmp_path / "start")
+    assert torch.equal(shallow.vit.blocks[1].mlp.fc1.weight, start.vit.blocks[1].mlp.fc1.weight)
+
+
+def test_a_fine_tune_refuses_a_start_with_a_renamed_key(tmp_path):
+    from anyorder.checkpoint import CheckpointError, load_start_weights
+    _start_model(tmp_path, rename=("vit.blocks.2.norm1.weight", "vit.blocks.2.ln_1.weight"))
+    model = tiny_model("ls_pos", seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"missing from the start \(1\): "
+                                              r"vit\.blocks\.2\.norm1\.weight.*not used by this "
+                                              r"model \(1\): vit\.blocks\.2\.ln_1\.weight"):
+        load_start_weights(model, tmp_path / "start")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    _start_model(tmp_path, depth=4)
+    wider = tiny_model(embed_dim=48, num_heads=2, seed=2)
+    with pytest.raises(CheckpointError, match="of another shape"):
+        load_start_weights(wider, tmp_path / "start")

@@ -54,7 +54,7 @@ def test_without_a_nullspace_the_dimension_is_zero():
     assert not exact_noise_like(images, basis, 2, torch.Generator()).any()
     report = nullspace_invariance(model, _images(4), np.zeros(4, dtype=np.int64), _images(8),
                                   settings_from_dict({}).robustness,
-                                  SynthesisSettings(fraction=1.0, rounds=1, batch_size=4),
+                                  SynthesisSettings(steps=1, batch_size=4, check_images=8),
                                   order_groups(model, 4, 1, 0), torch.device("cpu"))
     assert "has no nullspace: C*P*P = 12 inputs <= width 32" in report["exact"]["note"]
 
@@ -66,11 +66,11 @@ def test_synthesis_changes_no_weight_and_reports_what_it_did(variant):
     model = tiny_model(variant).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    settings = SynthesisSettings(epsilon=1e-6, rounds=2, fraction=1.0, batch_size=4)
+    settings = SynthesisSettings(epsilon=1e-6, steps=4, batch_size=4, check_images=8)
     result = synthesize_noise(model, _images(8), settings, torch.Generator().manual_seed(0))
     assert result.noise.shape == (16, 32) and not result.noise.requires_grad
-    assert result.steps == 2 * 2 and not result.converged  # epsilon out of reach: full budget
-    assert result.norm != pytest.approx(result.start_norm)  # the noise itself was optimised
+    assert result.steps == 4 and not result.converged  # epsilon out of reach: the whole budget
+    assert result.moved > 0 and result.check_images == 8  # the noise itself was optimised
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in model.parameters())
@@ -79,20 +79,78 @@ def test_synthesis_changes_no_weight_and_reports_what_it_did(variant):
 
 def test_synthesis_stops_as_soon_as_the_outputs_barely_move():
     model = tiny_model()
-    settings = SynthesisSettings(lim=1e-4, epsilon=0.01, fraction=1.0, batch_size=4)
+    settings = SynthesisSettings(lim=1e-4, epsilon=0.01, batch_size=4, check_images=8)
     result = synthesize_noise(model, _images(8), settings, torch.Generator().manual_seed(0))
     assert result.converged and result.steps == 0 and result.distance < 0.01
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(digits16):
+    """A tiny ViT trained on the digits (what the synthesis meets in the pipeline: a model whose
+    outputs are confident, not the near-uniform outputs of random weights)."""
+    model = tiny_model(seed=0)
+    cfg = TrainConfig(epochs=15, batch_size=64, lr=3e-3, schedule="cosine", warmup_epochs=1)
+    history = train_model(model, digits16["train"], digits16["val"], cfg, seed=0,
+                          progress=False).history
+    assert history[-1]["val_accuracy_sequential"] > 0.8
+    return model
+
+
+def test_synthesis_on_a_trained_model_converges_within_the_default_budget(digits16, trained_tiny):
+    settings = SynthesisSettings()  # the defaults params.yaml also sets
+    train_images = digits16["train"][0]
+    result = synthesize_noise(trained_tiny, train_images, settings,
+                              torch.Generator().manual_seed(0))
+    assert result.converged, result
+    assert 0 < result.steps < settings.steps and result.distance < settings.epsilon
+    assert result.check_images == settings.check_images
+    # Really optimised: far from its uniform start, and random noise of its norm moves the
+    # outputs many times more than epsilon (the noise is not the random control in disguise).
+    assert result.moved > 0.2
+    assert result.random_distance > 10 * settings.epsilon
+
+
+def test_synthesis_batches_mix_classes(monkeypatch):
+    """The training split is stored in source order (sorted by class for an ImageFolder): every
+    synthesis batch must still hold many classes."""
+    import anyorder.nullspace as nullspace
+    labels = np.repeat(np.arange(10), 30)                       # sorted by class
+    images = np.repeat(labels[:, None, None, None] * 20, 16 * 16 * 3).reshape(300, 16, 16, 3)
+    seen = []
+    real = nullspace.to_model_input
+
+    def spy(batch, spec, device="cpu"):
+        seen.append(np.unique(np.asarray(batch)[:, 0, 0, 0]).size)
+        return real(batch, spec, device)
+
+    monkeypatch.setattr(nullspace, "to_model_input", spy)
+    settings = SynthesisSettings(epsilon=1e-9, steps=5, batch_size=32, check_images=32)
+    synthesize_noise(tiny_model(), images.astype(np.uint8), settings,
+                     torch.Generator().manual_seed(0))
+    assert len(seen) >= 5 and min(seen) >= 6  # 32 random images of 10 classes: >= 6 classes
+
+
+def test_a_synthesis_that_misses_epsilon_fails_a_fine_tune_that_requires_convergence():
+    from anyorder.nullspace import SynthesisNotConverged
+    model = tiny_model()
+    strict = SynthesisSettings(epsilon=1e-9, steps=2, batch_size=4, check_images=8,
+                               require_convergence=True)
+    with pytest.raises(SynthesisNotConverged, match="raise nullspace.synthesis.steps"):
+        epoch_noise("nullspace", strict, _images(8))(model, torch.Generator().manual_seed(0))
+    lenient = SynthesisSettings(epsilon=1e-9, steps=2, batch_size=4, check_images=8)
+    with pytest.warns(UserWarning, match="did not reach epsilon"):
+        _, record = epoch_noise("nullspace", lenient, _images(8))(model,
+                                                                 torch.Generator().manual_seed(0))
+    assert record["noise_converged"] is False and record["noise_steps"] == 2
 
 
 def test_synthesised_noise_moves_the_outputs_less_than_random_noise_of_its_norm():
     model = tiny_model().eval()
     images = _images(16)
-    settings = SynthesisSettings(lim=3.0, lr=0.1, epsilon=1e-9, rounds=30, fraction=1.0,
-                                 batch_size=16)
+    settings = SynthesisSettings(lim=3.0, lr=0.1, epsilon=1e-9, steps=30, batch_size=16,
+                                 check_images=16)
     result = synthesize_noise(model, images, settings, torch.Generator().manual_seed(0))
-    random = epoch_noise("random", settings, images)
-    _, record = random(model, torch.Generator().manual_seed(0))
-    assert record["noise_norm"] > 0
+    assert result.distance < result.random_distance
     control = torch.rand(16, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     control = control * result.noise.norm() / control.norm()
     every = list(batches([(np.arange(16), None)], 16))
@@ -112,7 +170,7 @@ def test_a_noise_that_does_not_fit_the_model_is_refused():
 def test_nullspace_fine_tuning_trains_on_clean_and_noisy_images(digits16):
     cfg = TrainConfig(epochs=1, batch_size=64, lr=1e-3, schedule="constant")
     train = (digits16["train"][0][:128], digits16["train"][1][:128])
-    settings = SynthesisSettings(fraction=1.0, rounds=1, batch_size=64)
+    settings = SynthesisSettings(steps=3, batch_size=64, check_images=64)
     results = {}
     for kind in ("nullspace", "none"):
         model = tiny_model("ls", seed=0)
@@ -206,6 +264,27 @@ def test_random_corruptions_differ_between_seeds_and_grow_with_severity():
     assert change == sorted(change)
 
 
+def test_contrast_keeps_each_channels_mean_as_cifar_10_c():
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    images[..., 0], images[..., 1] = 200, 40                       # a red-ish, dark-blue image
+    images[:, ::2, :, 2] = 100                                     # one channel with contrast
+    out = corrupt(images, "contrast", 5).astype(float)
+    assert np.abs(out.mean(axis=(1, 2)) - images.mean(axis=(1, 2))).max() <= 0.5
+    assert out[..., 2].std() < images[..., 2].std() / 4            # contrast lowered x0.15
+
+
+def test_zoom_blur_weights_the_unzoomed_image_as_cifar_10_c():
+    from anyorder.corruptions import _center_zoom, _zoom_blur
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for severity, top in enumerate([1.06, 1.11, 1.16, 1.21, 1.26], start=1):
+        # CIFAR-10-C: out = sum of clipped_zoom(x, z) over z in arange(1, top, 0.01) (1.00 gives
+        # x itself); x = (x + out) / (len(z) + 1)
+        zooms = np.arange(1, top, 0.01)
+        out = sum(x if z == 1 else _center_zoom(x, float(z)) for z in zooms)
+        expected = (x + out) / (len(zooms) + 1)
+        assert torch.allclose(_zoom_blur(x, severity, None, 1.0), expected, atol=1e-6)
+
+
 def test_an_unknown_corruption_or_severity_is_refused():
     with pytest.raises(ValueError, match="unknown corruption 'rain'"):
         corrupt(_images(1), "rain", 1)
@@ -228,8 +307,9 @@ def test_ls_models_are_evaluated_in_random_orders_and_the_baseline_sequentially(
 
 @pytest.mark.parametrize("override, message", [
     ({"nullspace": {"synthesis": {"epsilon": 0}}}, "nullspace.synthesis.epsilon: must be > 0"),
-    ({"nullspace": {"synthesis": {"fraction": 0}}}, "nullspace.synthesis.fraction"),
-    ({"nullspace": {"synthesis": {"rounds": 0}}}, "nullspace.synthesis.rounds: must be >= 1"),
+    ({"nullspace": {"synthesis": {"steps": 0}}}, "nullspace.synthesis.steps: must be >= 1"),
+    ({"nullspace": {"synthesis": {"batch_size": 0}}}, "nullspace.synthesis.batch_size: must be"),
+    ({"nullspace": {"synthesis": {"rounds": 3}}}, "nullspace.synthesis.rounds: unknown key"),
     ({"nullspace": {"arms": {"a": {"noise": "gaussian"}}}}, "nullspace.arms.a.noise: must be one"),
     ({"robustness": {"attacks": {"eps": [0.5, 2]}}}, "robustness.attacks.eps: every budget"),
     ({"robustness": {"attacks": {"eps": [-0.01]}}}, "robustness.attacks.eps"),
@@ -243,9 +323,3 @@ def test_impossible_robustness_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         settings_from_dict(override)
 
-
-def test_more_synthesis_rounds_than_the_batches_allow_is_refused_before_compute():
-    from anyorder.nullspace import synthesis_batches
-    with pytest.raises(ValueError, match="nullspace.synthesis.fraction: 0.01 of 19 training"):
-        synthesis_batches(1169, SynthesisSettings(fraction=0.01, batch_size=64))
-    assert synthesis_batches(1169, SynthesisSettings(fraction=0.1, batch_size=64)) == 1

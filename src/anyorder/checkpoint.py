@@ -55,11 +55,37 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_model_into(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> list[str]:
-    """Load weights of `directory` into an existing model; return the keys it did not have."""
-    state = load_file(Path(directory) / WEIGHTS)
-    result = model.load_state_dict(state, strict=strict)
-    return list(result.missing_keys)
+def load_start_weights(model: AnyOrderViT, directory: str | Path) -> None:
+    """Load the weights of a start model (the pre-trained model a fine-tune begins from) into
+    `model`, strictly: every key of `model` must come from the start except the parts its variant
+    adds (`AnyOrderViT.variant_parts`: LS-pos adapters and slot table, LS-pred heads), which keep
+    their fresh initialisation; every key of the start must be used except the blocks a shallower
+    model leaves out. Anything else (a key renamed by a timm upgrade, a start of another
+    architecture) raises CheckpointError naming the keys, before any training."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"{directory / WEIGHTS}: missing; run the stage that writes the "
+                              f"start model first")
+    state = load_file(directory / WEIGHTS)
+    own = model.state_dict()
+    fresh = tuple(model.variant_parts())
+    missing = sorted(k for k in own if k not in state and not k.startswith(fresh))
+    left_out = {k for k in state if k.startswith("vit.blocks.")
+                and int(k.split(".")[2]) >= model.depth}  # a shallower model's missing blocks
+    unexpected = sorted(k for k in state if k not in own and k not in left_out)
+    wrong_shape = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                         if k in state and state[k].shape != own[k].shape)
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for what, keys in (("missing from the start", missing),
+                                   ("not used by this model", unexpected),
+                                   ("of another shape", wrong_shape)) if keys]
+    if problems:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not fit this {model.variant} model: "
+            f"{'; '.join(problems)}. The start must be the same timm architecture written by "
+            f"this project's code (a renamed key means another timm version or another model); "
+            f"rerun the stage that writes it")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
 # -- training state (for resume) -------------------------------------------------------------------

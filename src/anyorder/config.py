@@ -136,6 +136,9 @@ class DataConfig(_Section):
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int = 0
+    # official: keep a source's own test set (CIFAR's; an ImageFolder's test/ or val/ folder),
+    # val carved from its train set; pooled: pool everything and split it like any other.
+    split: Literal["official", "pooled"] = "official"
 
     def check(self, key: str) -> None:
         _require(self.image_size >= 4, f"{key}.image_size", "must be >= 4", self.image_size)
@@ -426,19 +429,25 @@ class RegisterConfig(_Section):
 
 @dataclass(frozen=True)
 class SynthesisConfig(_Section):
-    """Approximate-nullspace noise synthesis (spec section 2; the published code's defaults)."""
+    """Approximate-nullspace noise synthesis (spec section 2; anyorder.nullspace.synthesize_noise).
+    The optimiser is AdamW on the noise alone."""
     lim: float = 3.0              # start: Uniform(-lim, lim) on every element of the noise
-    lr: float = 0.1               # AdamW on the noise only
+    lr: float = 0.1               # AdamW's learning rate
+    weight_decay: float = 0.0     # AdamW's weight decay on the noise (0: it would shrink the noise)
     epsilon: float = 0.01         # stop once the mean squared L2 distance of softmax outputs < it
-    rounds: int = 3               # passes over the chosen batches
-    fraction: float = 0.1         # fraction of the training batches used (at least one)
+    steps: int = 2000             # budget: optimiser steps at most
+    batch_size: int = 64          # training images per step, drawn at random from the whole split
+    check_images: int = 512       # training images a stop is confirmed on (all, if fewer)
     log_norm_weight: float = 0.0  # lambda of the optional -lambda * log||v|| term (code: 0)
+    require_convergence: bool = True  # a fine-tune whose synthesis misses epsilon stops, failed
 
     def check(self, key: str) -> None:
         for name in ("lim", "lr", "epsilon"):
             _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0", getattr(self, name))
-        _require(self.rounds >= 1, f"{key}.rounds", "must be >= 1", self.rounds)
-        _require(0 < self.fraction <= 1, f"{key}.fraction", "must be in (0, 1]", self.fraction)
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0", self.weight_decay)
+        for name in ("steps", "batch_size", "check_images"):
+            _require(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1",
+                     getattr(self, name))
         _require(self.log_norm_weight >= 0, f"{key}.log_norm_weight", "must be >= 0",
                  self.log_norm_weight)
 

@@ -223,12 +223,14 @@ def _motion_blur(x, s, rng, scale):
 
 
 def _zoom_blur(x, s, rng, scale):
+    # CIFAR-10-C: (x + sum over the zooms, 1.00 included) / (zooms + 1): the unzoomed image
+    # counts twice, once as itself and once as the 1.00 zoom.
     top = [1.06, 1.11, 1.16, 1.21, 1.26][s - 1]
     factors = np.arange(1, top, 0.01)
-    out = x.clone()
+    out = 2 * x
     for factor in factors[1:]:
         out += _center_zoom(x, float(factor))
-    return out / len(factors)
+    return out / (len(factors) + 1)
 
 
 def _snow(x, s, rng, scale):
@@ -294,7 +296,7 @@ def _brightness(x, s, rng, scale):
 
 def _contrast(x, s, rng, scale):
     c = [0.75, 0.5, 0.4, 0.3, 0.15][s - 1]
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=(2, 3), keepdim=True)  # per channel, as CIFAR-10-C
     return (x - mean) * c + mean
 
 

@@ -2,7 +2,8 @@
 
 Sources (see `SOURCES`) all return a `RawDataset` of uint8 RGB images at the target size (an
 ImageFolder is decoded and resized one image at a time, so memory follows the output, not the
-photos). `prepare_dataset` checks it, makes a seeded stratified train/val/test split and writes
+photos). `prepare_dataset` checks it, splits it (a source's own test set kept, CIFAR's and an
+ImageFolder's train/ + test/; otherwise a seeded stratified train/val/test split) and writes
 `{train,val,test}.npz` plus `meta.json` into `out_dir`, atomically and byte-for-byte the same for
 the same input. Every problem with the input raises `DataError` naming the file or class at
 fault and saying how to fix it.
@@ -29,6 +30,7 @@ from .errors import InputError
 from .files import atomic_directory, atomic_write_json, npz_bytes
 
 SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("official", "pooled")  # keep a source's own splits, or pool and re-split
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -43,11 +45,14 @@ class RawDataset:
     images: uint8 (N, H, W, 3); grayscale sources are replicated to 3 channels.
     labels: int64 (N,), values in [0, len(class_names)).
     class_names: one name per class index.
+    official: the source's own splits, where it has them ({"train": indices, "test": indices,
+      optionally "val": indices}; CIFAR's test batch, an ImageFolder's test/ folder), else None.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    official: Optional[dict[str, np.ndarray]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def _cifar_key(obj: dict, key: bytes, file: Path):
 def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str], size: int) -> RawDataset:
     """A CIFAR-10/100 'python version' directory -> all its images (train and test together)."""
     folder = _find_cifar_dir(source, path, layout)
-    images, labels = [], []
+    images, labels, counts = [], [], []
     for name in layout.batches:
         file = folder / name
         batch = _unpickle(file)
@@ -147,11 +152,15 @@ def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str], size: in
         if batch_labels.shape != (len(data),):
             raise DataError(f"{file}: {len(batch_labels)} labels for {len(data)} images")
         labels.append(batch_labels)
+        counts.append(len(batch_labels))
     meta_file = folder / layout.meta_file
     names = _cifar_key(_unpickle(meta_file), layout.names_key, meta_file)
     class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    total, test = sum(counts), counts[-1]  # the last file is the official test batch
     return RawDataset(images=resize_images(np.concatenate(images), size),
-                      labels=np.concatenate(labels), class_names=class_names)
+                      labels=np.concatenate(labels), class_names=class_names,
+                      official={"train": np.arange(total - test), "test": np.arange(total - test,
+                                                                                   total)})
 
 
 def _image_files(class_dir: Path) -> list[Path]:
@@ -199,36 +208,74 @@ def read_image(file: Path, size: int, resize: bool = True) -> np.ndarray:
                         ) from exc
 
 
-def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
-    """A directory with one sub-folder of images per class -> RawDataset at size x size.
+def _class_folders(root: Path) -> list[Path]:
+    """The sub-folders of `root` (sorted, hidden ones skipped); DataError if it cannot be listed."""
+    try:
+        return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{root}: cannot list this folder ({exc.strerror or exc})") from exc
 
-    Class names are the sorted sub-folder names. Each image is decoded and resized on its own,
-    straight into one preallocated array, so memory is that of the output.
+
+def _split_folders(root: Path) -> Optional[dict[str, Path]]:
+    """An ImageFolder tree that keeps its own splits: train/ with test/ and/or val/ beside it,
+    each holding class sub-folders -> {"train", "test"[, "val"]: folder}; val/ alone is the test
+    set (as ImageNet's). None for a plain tree of class folders."""
+    names = {d.name: d for d in _class_folders(root)}
+    if "train" not in names or not {"test", "val"} & set(names) or not _class_folders(
+            names["train"]):
+        return None
+    others = sorted(set(names) - {"train", "val", "test"})
+    if others:
+        raise DataError(f"{root}: holds the split folders train/ and {'test/' if 'test' in names else 'val/'} "
+                        f"beside other folders ({', '.join(others)}); keep only train/, val/ and "
+                        f"test/ (each with one sub-folder per class), or only class folders")
+    if "test" in names:
+        return {split: names[split] for split in ("train", "val", "test") if split in names}
+    return {"train": names["train"], "test": names["val"]}
+
+
+def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
+    """A directory with one sub-folder of images per class -> RawDataset at size x size; or a
+    directory with train/ and test/ (or val/) folders of such class folders, whose splits are
+    kept (RawDataset.official).
+
+    Class names are the sorted sub-folder names (of train/). Each image is decoded and resized
+    on its own, straight into one preallocated array, so memory is that of the output.
     """
     root = _require_path("imagefolder", path)
     if not root.is_dir():
         raise DataError(f"{root}: no such directory for source 'imagefolder' (expected a folder "
                         f"with one sub-folder of images per class)")
-    try:
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError as exc:
-        raise DataError(f"{root}: cannot list this folder ({exc.strerror or exc})") from exc
-    if not class_dirs:
+    splits = _split_folders(root) or {"all": root}
+    class_names = [d.name for d in _class_folders(splits.get("train", root))]
+    if not class_names:
         raise DataError(f"{root}: no class sub-folders found (put the images of each class in "
                         f"their own sub-folder, e.g. {root}/cat/1.png)")
-    files, labels = [], []
-    for index, class_dir in enumerate(class_dirs):
-        class_files = _image_files(class_dir)
-        if not class_files:
-            raise DataError(f"{class_dir}: class folder '{class_dir.name}' has no images "
-                            f"({'/'.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
-        files += class_files
-        labels += [index] * len(class_files)
+    files, labels, official = [], [], {}
+    for split, folder in splits.items():
+        found = [d.name for d in _class_folders(folder)]
+        if found != class_names:
+            extra = sorted(set(found) - set(class_names))
+            lacking = sorted(set(class_names) - set(found))
+            raise DataError(f"{folder}: its class folders differ from {splits['train']}'s "
+                            f"({'not in train/: ' + ', '.join(extra) if extra else ''}"
+                            f"{'; ' if extra and lacking else ''}"
+                            f"{'missing: ' + ', '.join(lacking) if lacking else ''}); every split "
+                            f"needs the same class folders")
+        start = len(files)
+        for index, name in enumerate(class_names):
+            class_files = _image_files(folder / name)
+            if not class_files:
+                raise DataError(f"{folder / name}: class folder '{name}' has no images "
+                                f"({'/'.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
+            files += class_files
+            labels += [index] * len(class_files)
+        official[split] = np.arange(start, len(files))
     images = np.empty((len(files), size, size, 3), dtype=np.uint8)
     for i, file in enumerate(files):
         images[i] = read_image(file, size)
     return RawDataset(images=images, labels=np.asarray(labels, dtype=np.int64),
-                      class_names=[d.name for d in class_dirs])
+                      class_names=class_names, official=None if "all" in official else official)
 
 
 def _npz_class_names(archive, file: Path) -> Optional[list[str]]:
@@ -424,6 +471,35 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
             for name, chunks in parts.items()}
 
 
+def official_split(labels: np.ndarray, official: dict[str, np.ndarray], val_fraction: float,
+                   seed: int, class_names: Optional[Sequence[str]] = None
+                   ) -> dict[str, np.ndarray]:
+    """The source's own splits kept: test is its test set; val is its val set, or, where it has
+    none, a seeded stratified `val_fraction` of each class of its train set (at least one image
+    per class, at least one left for training). Sorted int64 index arrays, as stratified_split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    splits = {"test": np.asarray(official["test"], dtype=np.int64)}
+    if "val" in official:
+        splits["val"] = np.asarray(official["val"], dtype=np.int64)
+        splits["train"] = np.asarray(official["train"], dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        train_part, val_part = [], []
+        train = np.asarray(official["train"], dtype=np.int64)
+        for cls in np.unique(labels[train]):
+            members = rng.permutation(train[labels[train] == cls])
+            n_val = max(1, round(len(members) * val_fraction))
+            if len(members) - n_val < 1:
+                name = f"'{class_names[cls]}' (label {cls})" if class_names is not None else cls
+                raise DataError(f"class {name} has only {len(members)} training image(s): too few "
+                                f"to keep one for validation and one for training; add images")
+            val_part.append(members[:n_val])
+            train_part.append(members[n_val:])
+        splits["train"], splits["val"] = np.concatenate(train_part), np.concatenate(val_part)
+    return {name: np.sort(splits[name]) for name in SPLITS}
+
+
 # --------------------------------------------------------------------------------------------
 # Writing and reading the prepared dataset
 # --------------------------------------------------------------------------------------------
@@ -442,8 +518,14 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fraction: float,
-                    test_fraction: float, seed: int, out_dir: str | Path) -> dict:
+                    test_fraction: float, seed: int, out_dir: str | Path,
+                    split: str = "official") -> dict:
     """Load, validate, resize, split and write a dataset; return the meta dict.
+
+    split: "official" keeps a source's own splits where it has them (CIFAR's test batch, an
+    ImageFolder's test/ or val/ folder: `official_split`; test_fraction unused), and splits the
+    others stratified; "pooled" pools everything and splits it stratified (numbers then not
+    comparable with anyone using the official test set).
 
     Writes out_dir/{train,val,test}.npz (x uint8 (N,S,S,3), y int64, index int64 into the
     source's image order) and out_dir/meta.json, the same bytes for the same input. All files go
@@ -454,11 +536,17 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
     if image_size < 1:
         raise DataError(f"image_size must be >= 1, got {image_size}")
     _check_fractions(val_fraction, test_fraction)
+    if split not in SPLIT_MODES:
+        raise DataError(f"unknown split mode {split!r}; choose one of {', '.join(SPLIT_MODES)}")
     _check_out_dir(out_dir)
     raw = load_source(source, path, image_size)
     validate_dataset(raw, f"{path} (source '{source}')" if path else f"source '{source}'")
     images = raw.images
-    splits = stratified_split(raw.labels, val_fraction, test_fraction, seed, raw.class_names)
+    kept = raw.official is not None and split == "official"
+    if kept:
+        splits = official_split(raw.labels, raw.official, val_fraction, seed, raw.class_names)
+    else:
+        splits = stratified_split(raw.labels, val_fraction, test_fraction, seed, raw.class_names)
     num_classes = len(raw.class_names)
     meta = {
         "source": source,
@@ -466,9 +554,12 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
         "image_size": int(image_size),
         "class_names": list(raw.class_names),
         "num_classes": num_classes,
+        # official: the source's own splits (those listed in official_splits) were kept
+        "split": "official" if kept else ("pooled" if raw.official is not None else "stratified"),
+        "official_splits": sorted(raw.official) if kept else [],
         "split_seed": int(seed),
         "val_fraction": float(val_fraction),
-        "test_fraction": float(test_fraction),
+        "test_fraction": None if kept else float(test_fraction),
         "counts": {name: int(len(index)) for name, index in splits.items()},
         "class_counts": {name: np.bincount(raw.labels[index], minlength=num_classes).tolist()
                          for name, index in splits.items()},

@@ -59,7 +59,8 @@ class _Block(nn.Module):
 
     def forward(self, tokens: torch.Tensor, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
         if slot is not None:  # ls_pos: the table row of the slot this block runs at
-            tokens = self.model.slot_adapters[self.index](tokens, self.model.slot_table[slot[0]])
+            tokens = self.model.slot_adapters[self.index](
+                tokens, self.model.slot_embedding(self.index, slot[0]))
         return self.model.vit.blocks[self.index](tokens)
 
 

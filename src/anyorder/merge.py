@@ -1,10 +1,12 @@
 """Frankenstein models: a model assembled block by block from several models that share a start.
 
 A recipe is data (YAML): the sources (name -> model directory), the `base` source whose stem
-(patch embedding, class token, position embedding), final norm, head and shared tables the merged
-model takes, and for each block slot the source and which of its blocks it takes. A block moves
-with what belongs to it (an LS-pos adapter, an LS-pred head: `AnyOrderViT.block_state_prefixes`).
-The merged model is an ordinary checkpoint of the project.
+(patch embedding, class token, position embedding), final norm and head the merged model takes,
+and for each block slot the source and which of its blocks it takes. A block moves with what
+belongs to it (an LS-pos adapter, an LS-pred head: `AnyOrderViT.block_state_prefixes`), and an
+LS-pos block with the slot table it was trained with: a merge of several LS-pos runs gets one
+table per block (`slot_tables: per_block`), since an adapter reading another run's table would
+see slot embeddings it never learnt. The merged model is an ordinary checkpoint of the project.
 
 Recipe generators, by name (`GENERATORS`), as mergekit and model soups describe theirs:
 - `random`: each slot takes its block from a source drawn at random (seeded); block i of a
@@ -42,7 +44,7 @@ class MergeError(InputError):
 
 @dataclass
 class Recipe:
-    base: str                                  # source of stem, final norm, head, shared tables
+    base: str                                  # source of stem, final norm, head
     sources: dict[str, str]                    # name -> model directory
     slots: list[tuple[str, int]]               # per block slot: (source name, its block index)
     generator: str = "manual"
@@ -153,9 +155,33 @@ def merge_models(recipe: Recipe, models: dict[str, AnyOrderViT]) -> AnyOrderViT:
             for key, value in source_state.items():
                 if key.startswith(theirs):
                     state[own + key[len(theirs):]] = value
-    merged = build_model(ModelSpec.from_dict(base.spec.to_dict()), seed=0)
+    spec = ModelSpec.from_dict(base.spec.to_dict())
+    if base.variant == "ls_pos":  # each block keeps the slot table it was trained with
+        tables = [block_slot_table(models[source], block) for source, block in recipe.slots]
+        if any(not torch.equal(t, tables[0]) for t in tables) or spec.slot_tables != "shared":
+            for key in ("slot_table", "block_slot_tables"):
+                state.pop(key, None)
+            state["block_slot_tables"] = torch.stack(tables)
+            spec.slot_tables = "per_block"
+    merged = build_model(spec, seed=0)
     merged.load_state_dict({k: v.clone() for k, v in state.items()})
     return merged
+
+
+def block_slot_table(model: AnyOrderViT, block: int) -> torch.Tensor:
+    """LS-pos: the slot table (slots x width) block `block` of `model` reads its slot from."""
+    if model.spec.slot_tables == "per_block":
+        return model.block_slot_tables[block].detach()
+    return model.slot_table.detach()
+
+
+def slot_table_sources(recipe: Recipe, merged: AnyOrderViT) -> Optional[dict]:
+    """For the merge card: which slot table each block of an LS-pos merge reads (the table of
+    the source it came from); None for other variants."""
+    if merged.variant != "ls_pos":
+        return None
+    return {"layout": merged.spec.slot_tables,
+            "per_slot": [f"{source}:{block}" for source, block in recipe.slots]}
 
 
 # -- scoring and generators ----------------------------------------------------------------------

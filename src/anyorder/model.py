@@ -32,6 +32,11 @@ from .config import VARIANTS, ConfigError, FinetuneRun, ModelConfig
 
 # Which variants are trained with shuffled orders. A registry, not an if-chain.
 SHUFFLED_TRAINING = {"sequential": False, "ls": True, "ls_pos": True, "ls_pred": True}
+# The state-dict prefixes of what a variant adds to timm's ViT (new at the start of a fine-tune).
+VARIANT_PARTS = {"sequential": (), "ls": (),
+                 "ls_pos": ("slot_table", "block_slot_tables", "slot_adapters."),
+                 "ls_pred": ("position_heads.",)}
+SLOT_TABLES = ("shared", "per_block")  # LS-pos: one table for all blocks, or one per block
 # The architecture fields a params.yaml may override (null = keep timm's value).
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -57,6 +62,9 @@ class ModelSpec:
     mlp_ratio: Optional[float] = None
     drop_path_rate: float = 0.0
     position_embedding_dim: int = 32
+    # LS-pos: "shared", one slot table for every block (how the variant trains), or "per_block",
+    # each block with the table it was trained with (a Frankenstein model of several LS-pos runs).
+    slot_tables: str = "shared"
     mean: tuple = (0.5, 0.5, 0.5)
     std: tuple = (0.5, 0.5, 0.5)
     class_names: list = field(default_factory=list)
@@ -140,10 +148,16 @@ class AnyOrderViT(nn.Module):
         self.spec = spec
         self.depth = len(vit.blocks)
         dim = vit.embed_dim
+        if spec.slot_tables not in SLOT_TABLES:
+            raise ValueError(f"unknown slot_tables {spec.slot_tables!r}; known: "
+                             f"{', '.join(SLOT_TABLES)}")
         if spec.variant == "ls_pos":
-            self.slot_table = nn.Parameter(torch.zeros(self.depth, spec.position_embedding_dim))
-            self.slot_adapters = nn.ModuleList(
-                SlotAdapter(dim, spec.position_embedding_dim) for _ in range(self.depth))
+            width = spec.position_embedding_dim
+            if spec.slot_tables == "per_block":
+                self.block_slot_tables = nn.Parameter(torch.zeros(self.depth, self.depth, width))
+            else:
+                self.slot_table = nn.Parameter(torch.zeros(self.depth, width))
+            self.slot_adapters = nn.ModuleList(SlotAdapter(dim, width) for _ in range(self.depth))
         if spec.variant == "ls_pred":
             self.position_heads = nn.ModuleList(PositionHead(dim, self.depth)
                                                 for _ in range(self.depth))
@@ -228,8 +242,15 @@ class AnyOrderViT(nn.Module):
     def run_block(self, tokens: torch.Tensor, block_index: int, slot: int) -> torch.Tensor:
         """One block at one execution slot (the slot matters to LS-pos only)."""
         if self.variant == "ls_pos":
-            tokens = self.slot_adapters[block_index](tokens, self.slot_table[slot])
+            tokens = self.slot_adapters[block_index](tokens, self.slot_embedding(block_index, slot))
         return self.vit.blocks[block_index](tokens)
+
+    def slot_embedding(self, block_index: int, slot) -> torch.Tensor:
+        """LS-pos: the row of the slot table that block `block_index` reads at execution slot
+        `slot` (the shared table, or the block's own in a model of per-block tables)."""
+        if self.spec.slot_tables == "per_block":
+            return self.block_slot_tables[block_index][slot]
+        return self.slot_table[slot]
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block -> logits (N, num_classes): final norm, pool, head."""
@@ -275,10 +296,15 @@ class AnyOrderViT(nn.Module):
                              f"{self.depth} blocks")
         return order
 
+    def variant_parts(self) -> tuple[str, ...]:
+        """The state-dict prefixes of what this variant adds to timm's ViT."""
+        return VARIANT_PARTS[self.variant]
+
     def block_state_prefixes(self, block_index: int) -> tuple[str, ...]:
         """The state-dict prefixes of everything that belongs to one block and moves with it
         when blocks are merged: the timm block, and its LS-pos adapter or LS-pred head. The rest
-        (stem, final norm, head, the shared LS-pos slot table) belongs to the model."""
+        (stem, final norm, head) belongs to the model; the slot table an LS-pos block was trained
+        with is a row of one tensor, which `anyorder.merge` moves with the block."""
         prefixes = [f"vit.blocks.{block_index}."]
         if self.variant == "ls_pos":
             prefixes.append(f"slot_adapters.{block_index}.")

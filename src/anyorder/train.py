@@ -31,6 +31,7 @@ from .checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensor
                          tensors_digest)
 from .config import TrainConfig
 from .data import load_split
+from .errors import RunFailed
 from .evaluate import accuracy_for_orders
 from .files import atomic_save_tensors, atomic_write_json
 from .model import SHUFFLED_TRAINING, AnyOrderViT
@@ -41,7 +42,7 @@ from .tensors import random_shift, resolve_device, to_model_input
 STATE_FILE = "state.safetensors"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """The loss became NaN or infinite: the run stops instead of saving a broken model."""
 
 
