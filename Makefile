@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # machine has no internet and nothing may hang on it). It is defined once, in pipeline/env.py.
 QUIET = $(PY) pipeline/env.py
 
-.PHONY: setup run study recipe-study test test-fast mlflow-ui serve trigger flow-run serve-model cluster bench-serving
+.PHONY: setup run study baseline-study recipe-study test test-fast mlflow-ui serve trigger flow-run serve-model cluster bench-serving
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ run: setup
 # `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 15 min.
 study: run
 	$(QUIET) $(PY) pipeline/study.py --seeds 0 1 2
+
+# The baseline study: pre-training length (30, 60, 90, 120 epochs) and fine-tuning with and
+# without augmentation, on the default data (after `make run`); writes metrics/study/baseline.{json,md}.
+baseline-study: run
+	$(QUIET) $(PY) pipeline/baseline_study.py --epochs 30 60 90 120
 
 # The recipe study: does params.yaml's LayerShuffle recipe hold on harder data? Distorted digits
 # (10,000 28x28 images built from the embedded ones), the baseline and candidate LS recipes;

@@ -12,13 +12,15 @@ from anyorder.pruning import pruning_curve
 
 
 def evaluate_and_prune(settings, model, name: str, seed, test, device, pruning_device, mlflow,
-                       extra: dict | None = None) -> tuple[dict, dict]:
+                       extra: dict | None = None) -> tuple[dict, dict, dict]:
     """Write the model's order evaluation and pruning curve on `test` (images, labels: the
-    test split the stage loaded before any compute); log both to MLflow."""
+    test split the stage loaded before any compute); log both to MLflow. Returns them and the
+    per-image outcomes of the orders (for metrics/outcomes/<name>.json)."""
     cfg, prune = settings.evaluate, settings.pruning
     images, labels = test
     result = evaluate_orders(model, images, labels, cfg.num_orders, cfg.order_seed,
                              cfg.batch_size, device)
+    outcomes = result.pop("outcomes")
     metrics = {"run": name, "variant": model.variant, "seed": seed, **(extra or {}), **result}
     atomic_write_json(METRICS / "evaluate" / f"{name}.json", metrics)
     atomic_write_csv(PLOTS / "orders" / f"{name}.csv", [
@@ -35,4 +37,4 @@ def evaluate_and_prune(settings, model, name: str, seed, test, device, pruning_d
     for row in pruning["curve"]:
         mlflow.log_metric("pruning_mean_accuracy", row["mean"], step=row["removed"])
     mlflow.log_artifact(str(METRICS / "pruning" / f"{name}.json"))
-    return metrics, pruning
+    return metrics, pruning, outcomes

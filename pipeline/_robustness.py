@@ -22,6 +22,20 @@ def synthesis_settings(settings) -> SynthesisSettings:
     return SynthesisSettings(**{f.name: getattr(s, f.name) for f in fields(SynthesisSettings)})
 
 
+def synthesis_per_epoch(history: list[dict]) -> list[dict]:
+    """The noise each epoch trained on (its synthesis), from the training history; a warning
+    line for every epoch whose synthesis missed epsilon."""
+    records = [{"epoch": r["epoch"], **{k[len("noise_"):]: v for k, v in r.items()
+                                        if k.startswith("noise_")}}
+               for r in history if "noise_steps" in r]
+    for r in records:
+        if not r["converged"]:
+            print(f"warning: epoch {r['epoch']}: the noise synthesis did not reach epsilon "
+                  f"(distance {r['distance']:.4g} after {r['steps']} steps): this epoch trained "
+                  f"on noise that is not in the approximate nullspace")
+    return records
+
+
 def load_corrupted(settings) -> dict[str, np.ndarray]:
     """The corrupted test sets the corrupt stage wrote, checked against the settings."""
     cfg = settings.robustness.corruptions
@@ -39,17 +53,20 @@ def load_corrupted(settings) -> dict[str, np.ndarray]:
 
 
 def evaluate_and_write(settings, model, name: str, device, mlflow, start=None,
-                       training_synthesis: Optional[list[dict]] = None) -> dict:
+                       training_synthesis: Optional[list[dict]] = None,
+                       extra: Optional[dict] = None) -> tuple[dict, dict]:
     """Robustness of `model` on the test split, to metrics/robustness/<name>.json and MLflow;
     with `start` (the model a fine-tune began from), also its clean accuracy in the same modes;
-    with `training_synthesis` (a nullspace fine-tune's noise, per epoch), that record too."""
+    with `training_synthesis` (a nullspace fine-tune's noise, per epoch), that record too.
+    Returns the metrics and the per-image outcomes (for metrics/outcomes/<name>.json)."""
     images, labels = load_split(PREPARED, "test")
     train_images, _ = load_split(PREPARED, "train")
     corrupted = load_corrupted(settings)
     cfg = settings.robustness
     result = evaluate_robustness(model, images, labels, corrupted, train_images, cfg,
                                  synthesis_settings(settings), device)
-    metrics = {"model": name, **result}
+    outcomes = result.pop("outcomes")
+    metrics = {"model": name, **(extra or {}), **result}
     if start is not None:
         modes = order_groups(start, len(labels), cfg.num_orders, cfg.order_seed)
         metrics["start_clean_accuracy"] = {
@@ -78,8 +95,14 @@ def evaluate_and_write(settings, model, name: str, device, mlflow, start=None,
               f"large as each image changes {exact['sequential']['predictions_changed']} "
               f"predictions, relative logit change at most "
               f"{exact['sequential']['relative_logit_change_max']:.2e}")
+    synthesis = result["nullspace"]["synthesised"]["synthesis"]
+    reached = "reached" if synthesis["converged"] else "warning: did NOT reach"
+    print(f"{name}: approximate-nullspace noise {reached} epsilon in {synthesis['steps']} "
+          f"steps (distance {synthesis['distance']:.4g} on "
+          f"{synthesis['check_images']} training images; random noise of its norm "
+          f"{synthesis['random_distance']:.3g})")
     adversarial = result["adversarial"]
     if adversarial["pgd_above_fgsm"]:
         print(f"warning: {name}: PGD scores above FGSM at {adversarial['pgd_above_fgsm']}: a sign "
               f"of gradient masking or a too-weak PGD (raise robustness.attacks.pgd_steps)")
-    return metrics
+    return metrics, outcomes

@@ -8,14 +8,16 @@ registers like any other), `recipe.yaml` (the recipe, usable as a manual one) an
 rule's every step). Then evaluates it like evaluate@<run> does (metrics/evaluate/<name>.json,
 metrics/pruning/<name>.json) and writes the card with its test figures to metrics/merge/<name>.json.
 """
+import json
 from pathlib import Path
 
 from _evaluation import evaluate_and_prune
 from _stage import MERGED, METRICS, PREPARED, begin, declared, fail, track, user_errors
 
-from anyorder.checkpoint import WEIGHTS, load_model, save_model
+from anyorder.checkpoint import SPEC, WEIGHTS, load_model, save_model
 from anyorder.data import load_split
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
+from anyorder.intervals import pack_tree
 from anyorder.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,
                             merge_models, slot_table_sources)
 from anyorder.tensors import resolve_device
@@ -84,9 +86,12 @@ def main() -> None:
                 "generator": entry.generator, "sources": list(sources)}}})
             result.recipe.save(out / "recipe.yaml")
             atomic_write_json(out / "merge.json", card)
-        evaluation, pruning = evaluate_and_prune(
+        evaluation, pruning, outcomes = evaluate_and_prune(
             stage.settings, merged, name, entry.seed, test, evaluate_device, pruning_device,
-            mlflow, extra={"merged_from": list(sources)})
+            mlflow, extra={"merged_from": list(sources), "fine_tune_epochs": "/".join(sorted({
+                str(json.loads((Path(p) / SPEC).read_text())["training"]["config"]["epochs"])
+                for p in sources.values()}))})
+        atomic_write_json(METRICS / "outcomes" / f"{name}.json", pack_tree({"orders": outcomes}))
         card["test"] = {"sequential": evaluation["sequential"], "arbitrary": evaluation["arbitrary"],
                         "pruning_curve": pruning["curve"]}
         atomic_write_json(METRICS / "merge" / f"{name}.json", card)

@@ -5,19 +5,24 @@ Arms (nullspace.arms): a start model, a noise kind and a seed. "nullspace": ever
 noise is synthesised from the current weights and the loss is CE(clean) + CE(noisy); "random":
 the same, with un-optimised noise of the norm the synthesis reaches; "none": plain fine-tuning.
 A LayerShuffle start model is fine-tuned (and its noise synthesised) under random block orders.
-Writes models/nullspace/<arm>, plots/train/nullspace-<arm>.csv, metrics/robustness/<arm>.json.
+Writes models/nullspace/<arm>, plots/train/nullspace-<arm>.csv, metrics/robustness/<arm>.json
+(with the synthesis of every epoch's noise: steps, distance, norm, converged) and
+metrics/outcomes/<arm>.json (per-image outcomes for the report's intervals).
 Training and evaluation share one process: on 2 cores a stage's start costs about 10 s.
 """
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from _robustness import evaluate_and_write, load_corrupted, synthesis_settings
-from _stage import NULLSPACE, PLOTS, PREPARED, begin, fail, user_errors
+from _robustness import (evaluate_and_write, load_corrupted, synthesis_per_epoch,
+                         synthesis_settings)
+from _stage import METRICS, NULLSPACE, PLOTS, PREPARED, begin, fail, user_errors
 from _training import train_and_log
 
-from anyorder.checkpoint import load_model
+from anyorder.checkpoint import SPEC, load_model
 from anyorder.data import load_split
+from anyorder.files import atomic_write_json
+from anyorder.intervals import pack_tree
 from anyorder.nullspace import epoch_noise
 from anyorder.tensors import resolve_device
 
@@ -41,26 +46,21 @@ def main() -> None:
     noise = epoch_noise(arm.noise, synthesis, train_images, device)
     recipe = {"arm": arm_name, "start": arm.start, "noise": arm.noise,
               "synthesis": asdict(synthesis)}
+    start_epochs = json.loads((Path(arm.start) / SPEC).read_text())["training"]["config"][
+        "epochs"]
+
+    def evaluate(mlflow, history) -> None:
+        _, outcomes = evaluate_and_write(
+            stage.settings, model, arm_name, robustness_device, mlflow, start=start,
+            training_synthesis=synthesis_per_epoch(history),
+            extra={"fine_tune_epochs": f"{start_epochs}+{cfg.epochs}"})
+        atomic_write_json(METRICS / "outcomes" / f"{arm_name}.json",
+                          pack_tree({"robustness": outcomes}))
+
     train_and_log(stage, model, cfg.training(), arm.seed, NULLSPACE / arm_name,
                   PLOTS / "train" / f"nullspace-{arm_name}.csv", epoch_noise=noise,
                   info={"nullspace": recipe}, fingerprint_extra=json.dumps(recipe, sort_keys=True),
-                  then=lambda mlflow, history: evaluate_and_write(
-                      stage.settings, model, arm_name, robustness_device, mlflow, start=start,
-                      training_synthesis=synthesis_per_epoch(history)))
-
-
-def synthesis_per_epoch(history: list[dict]) -> list[dict]:
-    """The noise each epoch trained on (its synthesis), from the training history; a warning
-    line for every epoch whose synthesis missed epsilon."""
-    records = [{"epoch": r["epoch"], **{k[len("noise_"):]: v for k, v in r.items()
-                                        if k.startswith("noise_")}}
-               for r in history if "noise_steps" in r]
-    for r in records:
-        if not r["converged"]:
-            print(f"warning: epoch {r['epoch']}: the noise synthesis did not reach epsilon "
-                  f"(distance {r['distance']:.4g} after {r['steps']} steps): this epoch trained "
-                  f"on noise that is not in the approximate nullspace")
-    return records
+                  then=evaluate)
 
 if __name__ == "__main__":
     main()

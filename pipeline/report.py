@@ -3,9 +3,11 @@ metrics/report.md (every model's headline numbers and the plots: orders, pruning
 robustness, analysis; the PNGs beside it under plots/).
 
 Writes metrics/summary.json (per run: sequential and arbitrary-order accuracy against the
-sequential baseline), metrics/robustness_summary.json and metrics/robustness.md (per model and
-evaluation mode: clean accuracy, mean corruption accuracy, mCE relative to the sequential
-baseline, FGSM/PGD accuracy per budget, nullspace invariance), and the plots
+baseline run named by report.baseline, the differences with 95% intervals over test images and
+orders from metrics/outcomes/), metrics/robustness_summary.json and metrics/robustness.md (per
+model and evaluation mode: clean accuracy, mean corruption accuracy, mCE relative to the
+baseline, FGSM/PGD accuracy per budget, nullspace invariance and whether the noise synthesis
+converged; then the differences from the baseline with their intervals), and the plots
 plots/robustness/{severity,adversarial}.{csv,png} (accuracy vs severity per corruption family;
 accuracy vs eps), all mirrored to MLflow.
 """
@@ -13,12 +15,34 @@ from _plots import png, pyplot
 from _stage import METRICS, PLOTS, begin, read_json, track
 
 from anyorder.files import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from anyorder.summary import (merge_summary, pruning_rows, report_markdown, robustness_markdown,
-                              robustness_table, summary_table)
+from anyorder.intervals import unpack_tree
+from anyorder.summary import (differences_markdown, merge_summary, pruning_rows, report_markdown,
+                              robustness_markdown, robustness_table, summary_table,
+                              synthesis_markdown)
 
-COLUMNS = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255", "fgsm@4/255",
-           "fgsm@8/255", "pgd@1/255", "pgd@4/255", "pgd@8/255", "synthesised_noise_accuracy",
+COLUMNS = ["fine_tune_epochs", "clean", "mean_corruption_accuracy", "mce_vs_baseline",
+           "fgsm@1/255", "fgsm@4/255", "fgsm@8/255", "pgd@1/255", "pgd@4/255", "pgd@8/255",
+           "synthesised_noise_accuracy", "synthesis_converged",
            "exact_nullspace_max_relative_logit_change"]
+DIFFERENCES_INTRO = """
+Against the baseline `{baseline}` in sequential order, with 95% bootstrap intervals over the test
+images (paired: both models on the same resampled images; the corruptions are a fixed set). mCE:
+the mean over corruptions of the model's errors summed over severities divided by the baseline's;
+where the baseline made no error on a corruption, its error counts as one image, so no corruption
+is dropped. An interval that holds 0 (1 for mCE) is no evidence of a difference.
+
+"""
+
+
+SYNTHESIS_INTRO = """
+The noise each nullspace fine-tuning epoch trained on: optimiser steps, the mean squared distance
+of the softmax outputs it causes on the check set (converged: under nullspace.synthesis.epsilon),
+the same distance for random noise of the same norm (what the `random` control trains on), its
+norm, how far it moved from its uniform start and how far it lies from that random noise
+(relative L2 distances).
+
+"""
+
 
 
 def plot_rows(models: dict) -> tuple[list[dict], list[dict]]:
@@ -136,23 +160,31 @@ def main() -> None:
     cards = {name: read_json(METRICS / "merge" / f"{name}.json", f"merge@{name}")
              for name in merges}
     analysis = read_json(METRICS / "analysis.json", "analysis")
+    outcomes = {name: unpack_tree(read_json(METRICS / "outcomes" / f"{name}.json", name))
+                for name in dict.fromkeys(names + evaluated)}
+    baseline = stage.settings.report.baseline
     with track(stage) as mlflow:
-        summary = summary_table(runs)
+        summary = summary_table(runs, baseline, outcomes)
         atomic_write_json(METRICS / "summary.json", summary)
         for name, row in summary["runs"].items():
             mlflow.log_metrics({f"{name}.sequential": row["sequential"],
                                 f"{name}.arbitrary_mean": row["arbitrary_mean"]})
         mlflow.log_artifact(str(METRICS / "summary.json"))
-        table = robustness_table(robust, summary["baseline_run"] or names[0])
+        table = robustness_table(robust, baseline, {n: o["robustness"] for n, o in
+                                                     outcomes.items() if "robustness" in o})
         atomic_write_json(METRICS / "robustness_summary.json", table)
-        robustness_md = robustness_markdown(table, COLUMNS)
+        robustness_md = (robustness_markdown(table, COLUMNS) + DIFFERENCES_INTRO.format(
+            baseline=baseline) + differences_markdown(table))
+        trained_noise = synthesis_markdown(robust)
+        if trained_noise:
+            robustness_md += SYNTHESIS_INTRO + trained_noise
         atomic_write_bytes(METRICS / "robustness.md", robustness_md.encode())
         severity, adversarial = plot_rows(robust)
         atomic_write_csv(PLOTS / "robustness" / "severity.csv", severity)
         atomic_write_csv(PLOTS / "robustness" / "adversarial.csv", adversarial)
         pruning = pruning_rows(curves, {n: kind_of(n, finetune_runs, merges) for n in curves})
         atomic_write_csv(PLOTS / "pruning" / "curves.csv", pruning)
-        merge_table = merge_summary(cards, runs)
+        merge_table = merge_summary(cards, runs, outcomes)
         atomic_write_json(METRICS / "merge_summary.json", merge_table)
         images = {PLOTS / "robustness" / f"{n}.png": data
                   for n, data in draw(severity, adversarial).items()}

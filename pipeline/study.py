@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _robustness import load_corrupted, synthesis_settings
-from _stage import CORRUPTED, PREPARED
+from _robustness import load_corrupted, synthesis_per_epoch, synthesis_settings
+from _stage import CORRUPTED, FINETUNED, PREPARED
 
 from anyorder.checkpoint import load_model
 from anyorder.config import load_settings
@@ -32,7 +32,8 @@ from anyorder.data import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_json
 from anyorder.nullspace import epoch_noise
 from anyorder.robustness import evaluate_robustness
-from anyorder.summary import robustness_table
+from anyorder.intervals import difference
+from anyorder.summary import interval_text, robustness_table
 from anyorder.tensors import resolve_device
 from anyorder.train import train_model
 
@@ -81,9 +82,18 @@ def main() -> None:
             evaluate(f"{arm_name}:seed{seed}", model)
             results[f"{arm_name}:seed{seed}"]["val_accuracy"] = history[-1][
                 "val_accuracy_sequential"]
-    baseline = next(f"start:{a.start}" for a in arms.values() if "sequential" in a.start)
+            records = synthesis_per_epoch(history)
+            if records:
+                results[f"{arm_name}:seed{seed}"]["training_synthesis"] = {
+                    "converged_every_epoch": all(r["converged"] for r in records),
+                    "epochs": records}
+    baseline = f"start:{FINETUNED / settings.report.baseline}"
+    if baseline not in results:
+        sys.exit(f"error: report.baseline {settings.report.baseline} is no arm's start model "
+                 f"({', '.join(starts)}): the study compares arms with it")
     table = robustness_table(results, baseline)["models"]
     summary = {"seeds": args.seeds, "num_test_images": int(len(test[1])), "baseline": baseline,
+               "epsilon": synthesis.epsilon,
                "corruptions": list(robust.corruptions.names) == list(CORRUPTIONS),
                "arms": {}, "differences": {}, "runs": table}
     for arm_name, arm in arms.items():
@@ -103,19 +113,38 @@ def main() -> None:
             continue
         for other_name, other in arms.items():
             if other.start == arm.start and other.noise != "nullspace":
-                diff = {}
-                for mode in summary["arms"][arm_name]:
-                    if mode in ("start", "noise", "random_orders_accuracy_kept"):
-                        continue
-                    diff[mode] = {k: _stats([table[f"{arm_name}:seed{seed}"][mode][k]
-                                             - table[f"{other_name}:seed{seed}"][mode][k]
-                                             for seed in args.seeds]) for k in HEADLINE}
-                summary["differences"][f"{arm_name} - {other_name}"] = diff
+                summary["differences"][f"{arm_name} - {other_name}"] = {
+                    mode: differences([results[f"{arm_name}:seed{s}"] for s in args.seeds],
+                                      [results[f"{other_name}:seed{s}"] for s in args.seeds], mode)
+                    for mode in results[f"{arm_name}:seed{args.seeds[0]}"]["outcomes"]}
+    summary["synthesis"] = {name: r["training_synthesis"] for name, r in results.items()
+                            if "training_synthesis" in r}
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / "nullspace.json", summary)
     atomic_write_bytes(OUT / "nullspace.md", markdown(summary).encode())
     print(markdown(summary))
     print(f"[study] took {time.perf_counter() - started:.0f}s")
+
+
+def differences(ours: list[dict], theirs: list[dict], mode: str) -> dict:
+    """Arm minus control in one mode: each headline figure's difference with a 95% interval
+    that resamples the test images (paired) and the seeds (anyorder.intervals.difference).
+    Corruptions: each seed's per-image accuracy over the fixed set of corrupted versions."""
+    def rows(results: list[dict], pick) -> np.ndarray:
+        return np.stack([pick(r["outcomes"][mode]) for r in results]).astype(float)
+
+    def corrupted(outcome: dict) -> np.ndarray:
+        return np.mean([hits for by_severity in outcome["corruptions"].values()
+                        for hits in by_severity.values()], axis=0)
+
+    out = {"clean": difference(rows(ours, lambda o: o["clean"]), rows(theirs, lambda o: o["clean"])),
+           "mean_corruption_accuracy": difference(rows(ours, corrupted), rows(theirs, corrupted))}
+    for attack, by_eps in ours[0]["outcomes"][mode]["attacks"].items():
+        for eps in by_eps:
+            def pick(o, attack=attack, eps=eps):
+                return o["attacks"][attack][eps]
+            out[f"{attack}@{eps}"] = difference(rows(ours, pick), rows(theirs, pick))
+    return out
 
 
 def _stats(values: list[float]) -> dict:
@@ -131,25 +160,36 @@ def markdown(summary: dict) -> str:
              f"mean +- std over seeds (accuracy in %, mCE relative to {summary['baseline']}).", "",
              "| arm | mode | " + " | ".join(columns) + " |",
              "|---|---|" + "---|" * len(columns)]
-
-    def cell(stat: dict, key: str) -> str:
-        scale = 1 if key.startswith("mce") else 100
-        return f"{stat['mean'] * scale:.2f} +- {stat['std'] * scale:.2f}"
-
-    for section in ("arms", "differences"):
-        for name, by_mode in summary[section].items():
-            for mode, row in by_mode.items():
-                if mode in ("start", "noise", "random_orders_accuracy_kept"):
-                    continue
-                lines.append(f"| {name} | {mode} | " + " | ".join(cell(row[c], c)
-                                                                for c in columns) + " |")
+    for name, by_mode in summary["arms"].items():
+        for mode, row in by_mode.items():
+            if mode in ("start", "noise", "random_orders_accuracy_kept"):
+                continue
+            lines.append(f"| {name} | {mode} | " + " | ".join(
+                f"{row[c]['mean'] * (1 if c.startswith('mce') else 100):.2f} +- "
+                f"{row[c]['std'] * (1 if c.startswith('mce') else 100):.2f}" for c in columns) + " |")
+    shown = [c for c in columns if c != "mce_vs_baseline"]
+    lines += ["", "Differences (points), with 95% bootstrap intervals over the test images (paired) "
+              "and the seeds:", "", "| difference | mode | " + " | ".join(shown) + " |",
+              "|---|---|" + "---|" * len(shown)]
+    for name, by_mode in summary["differences"].items():
+        for mode, row in by_mode.items():
+            lines.append(f"| {name} | {mode} | " + " | ".join(interval_text(row.get(c))
+                                                             for c in shown) + " |")
     kept = {name: arm["random_orders_accuracy_kept"] for name, arm in summary["arms"].items()
             if "random_orders_accuracy_kept" in arm}
     if kept:
         lines += ["", "Accuracy in random orders kept from the start model (arm / start): " + ", ".join(
             f"{name} {k['mean'] * 100:.1f}% +- {k['std'] * 100:.1f}" for name, k in kept.items())]
+    synthesis = [r for runs in summary["synthesis"].values() for r in runs["epochs"]]
+    if synthesis:
+        lines += ["", f"Noise synthesis of the nullspace arms: {sum(r['converged'] for r in synthesis)}"
+                  f" of {len(synthesis)} epochs converged; steps {min(r['steps'] for r in synthesis)}"
+                  f"-{max(r['steps'] for r in synthesis)}, distance at most "
+                  f"{max(r['distance'] for r in synthesis):.4f} (epsilon "
+                  f"{summary['epsilon']}); random noise of the same norm: "
+                  f"{min(r['random_distance'] for r in synthesis):.3f}-"
+                  f"{max(r['random_distance'] for r in synthesis):.3f}."]
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     main()

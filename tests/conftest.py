@@ -57,6 +57,7 @@ TINY_PIPELINE = {
                                        "ls": {"variant": "ls", "seed": 0},
                                        "ls1": {"variant": "ls", "seed": 1,
                                                "layerdrop_rate": 0.3}}},
+    "report": {"baseline": "seq"},
     "evaluate": {"num_orders": 3},
     "select": {"num_orders": 3},
     "export": {"check_orders": 3,

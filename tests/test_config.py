@@ -10,9 +10,10 @@ def test_the_project_params_file_is_valid():
 
 
 def test_defaults_and_types_are_parsed():
-    settings = settings_from_dict({"pretrain": {"lr": "1e-3"}, "finetune": {
-        "runs": {"a": {"variant": "ls_pos", "seed": 3}, "b": {"variant": "ls_pred",
-                                                            "position_loss_weight": 0.5}}}})
+    settings = settings_from_dict({"pretrain": {"lr": "1e-3"}, "report": {"baseline": "a"},
+                                   "finetune": {"runs": {"a": {"variant": "ls_pos", "seed": 3},
+                                                         "b": {"variant": "ls_pred",
+                                                               "position_loss_weight": 0.5}}}})
     assert settings.pretrain.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
     assert settings.finetune.runs["a"].variant == "ls_pos"
     assert isinstance(settings, Settings)
@@ -25,8 +26,9 @@ def test_defaults_and_types_are_parsed():
 
 
 def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
-    settings = settings_from_dict({"finetune": {"epochs": 8, "lr": 1e-3, "runs": {
-        "seq": {"variant": "sequential"}, "ls": {"variant": "ls", "epochs": 16, "lr": 2e-3}}}})
+    settings = settings_from_dict({"report": {"baseline": "seq"}, "finetune": {
+        "epochs": 8, "lr": 1e-3, "runs": {"seq": {"variant": "sequential"},
+                                          "ls": {"variant": "ls", "epochs": 16, "lr": 2e-3}}}})
     shared, runs = settings.finetune, settings.finetune.runs
     assert (runs["seq"].training(shared).epochs, runs["seq"].training(shared).lr) == (8, 1e-3)
     own = runs["ls"].training(shared)
@@ -36,6 +38,9 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
 
 @pytest.mark.parametrize("raw,key,fragment", [
     ({"model": {"depht": 4}}, "model.depht", "unknown key"),
+    ({"report": {"baseline": "base"}}, "report.baseline",
+     "must name a run of finetune.runs (sequential, ls)"),
+    ({"data": {"split": "official_test"}}, "data.split", "must be one of"),
     ({"colour": 1}, "colour", "unknown key"),
     ({"finetune": {"runs": {"x": {"variant": "ls", "sead": 1}}}}, "finetune.runs.x.sead",
      "unknown key"),

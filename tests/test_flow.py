@@ -53,6 +53,8 @@ PARAMS = textwrap.dedent("""\
       runs:
         a: {variant: ls, seed: 0}
         b: {variant: sequential, seed: 1}
+    report:
+      baseline: b
     """)
 SLEEPER = """\
 import os, sys, time

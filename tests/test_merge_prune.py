@@ -403,11 +403,13 @@ def test_the_report_page_holds_every_section_and_the_merge_comparison():
     merges = merge_summary({"m": card}, runs)
     assert merges["m"]["test_sources_mean"] == pytest.approx(0.85)
     assert merges["m"]["test_merged_minus_sources_points"] == pytest.approx(1.0)
-    summary = {"runs": {"seq": {"variant": "sequential", "sequential": 0.9, "arbitrary_mean": 0.4,
-                                "arbitrary_min": 0.1, "depth": 4}}}
+    summary = {"baseline_run": "seq", "baseline_fine_tune_epochs": 24,
+               "runs": {"seq": {"variant": "sequential", "sequential": 0.9, "arbitrary_mean": 0.4,
+                                "arbitrary_min": 0.1, "depth": 4, "fine_tune_epochs": 24,
+                                "equal_budget": True}}}
     page = report_markdown(summary, rows, merges, None, "| robustness |\n",
                            {"pruning": "../plots/pruning/pruning.png"})
     for part in ("## Models", "## Pruning", "![pruning](../plots/pruning/pruning.png)",
                  "## Frankenstein merges", "a:0", "## Robustness", "| robustness |"):
         assert part in page
-    assert "| seq | sequential | 4 | 0.9000 | 0.4000 | 0.1000 | 0.5556 |" in page
+    assert "| seq | sequential | 4 | 24 | 0.9000 | 0.4000 | 0.1000 |  | 0.5556 |" in page

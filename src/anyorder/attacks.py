@@ -3,9 +3,11 @@
 The published nullspace code attacks already-normalised tensors (so its eps is not a pixel
 budget); here the attacker perturbs pixels in [0, 1] and the model normalises them itself
 (`PixelModel`), so eps = 8/255 means what it says on every pixel. Hand-written (a few lines each)
-rather than a dependency: the test suite checks them against torchattacks, the well-known
-library, once on a tiny model (tests/test_robustness.py). A LayerShuffle model is attacked in the
-block order each image is evaluated in (one order per image).
+rather than a dependency (torchattacks pins an old `requests`). bench/attack_crosscheck.py checks
+them against torchattacks installed beside the project (bit-identical adversarial images); the
+test suite checks FGSM against a hand-computed step and PGD's budget and strength
+(tests/test_robustness.py). A LayerShuffle model is attacked in the block order each image is
+evaluated in (one order per image).
 """
 from __future__ import annotations
 

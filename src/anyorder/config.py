@@ -195,7 +195,8 @@ class TrainConfig(_Section):
     warmup_epochs: float = 0.0
     grad_clip: Optional[float] = 1.0
     label_smoothing: float = 0.0
-    # Random shift augmentation: pad by this many pixels and crop back (0 = off, as in the paper).
+    # Random shift augmentation: pad by this many pixels and crop back (0 = off: the paper
+    # fine-tunes without augmentation).
     shift_pixels: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Processes (torchrun, DistributedDataParallel); batch_size stays the global batch.
@@ -322,7 +323,8 @@ class FinetuneRun(_Section):
 
 @dataclass(frozen=True)
 class FinetuneConfig(TrainConfig):
-    runs: dict[str, FinetuneRun] = field(default_factory=lambda: {"ls": FinetuneRun()})
+    runs: dict[str, FinetuneRun] = field(default_factory=lambda: {
+        "sequential": FinetuneRun(variant="sequential"), "ls": FinetuneRun()})
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -627,6 +629,16 @@ class AnalysisConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ReportConfig(_Section):
+    """The report stage: which run every other is compared with."""
+    baseline: str = "sequential"  # a run of finetune.runs (the denominator of the headline)
+
+    def check(self, key: str, runs: dict) -> None:
+        _require(self.baseline in runs, f"{key}.baseline", f"must name a run of finetune.runs "
+                 f"({', '.join(runs)})", self.baseline)
+
+
+@dataclass(frozen=True)
 class MlflowConfig(_Section):
     experiment: str = "anyorder"
     # null: $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` at the project root.
@@ -648,6 +660,7 @@ class Settings(_Section):
     pruning: PruningConfig = field(default_factory=PruningConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
@@ -666,6 +679,7 @@ class Settings(_Section):
         self.pruning.check("pruning")
         self.merge.check("merge")
         self.analysis.check("analysis")
+        self.report.check("report", self.finetune.runs)
 
     def restrict_to(self, declared: list[str], stage: str) -> "Settings":
         """From now on, reading a key outside `declared` (dotted prefixes) raises

@@ -129,6 +129,7 @@ class SynthesisResult:
     moved: float                   # ||v - v_0|| / ||v_0||: how far the optimisation took it
     distance: float                # mean squared L2 distance of the softmax outputs, check set
     random_distance: float         # the same for un-optimised noise of the same norm (control)
+    to_random: float               # ||v - r|| / ||v|| to that random noise r
     steps: int                     # optimiser steps taken
     converged: bool                # `distance` < epsilon within the budget
     check_images: int              # images `distance` is measured on
@@ -136,7 +137,8 @@ class SynthesisResult:
     def record(self, prefix: str = "noise_") -> dict:
         return {f"{prefix}norm": self.norm, f"{prefix}start_norm": self.start_norm,
                 f"{prefix}moved_from_start": self.moved, f"{prefix}distance": self.distance,
-                f"{prefix}random_distance": self.random_distance, f"{prefix}steps": self.steps,
+                f"{prefix}random_distance": self.random_distance,
+                f"{prefix}distance_to_random": self.to_random, f"{prefix}steps": self.steps,
                 f"{prefix}converged": bool(self.converged),
                 f"{prefix}check_images": self.check_images}
 
@@ -239,10 +241,12 @@ def synthesize_noise(model: AnyOrderViT, images: np.ndarray, settings: Synthesis
             steps += 1
         result = noise.detach()
         distance = check.distance(result)
-        random_distance = check.distance(random_noise_like(result, generator))
+        random = random_noise_like(result, generator)
+        random_distance = check.distance(random)
     return SynthesisResult(noise=result, norm=float(result.norm()), start_norm=float(start.norm()),
                            moved=float((result - start).norm() / start.norm()), distance=distance,
-                           random_distance=random_distance, steps=steps,
+                           random_distance=random_distance,
+                           to_random=float((result - random).norm() / result.norm()), steps=steps,
                            converged=converged and distance < settings.epsilon,
                            check_images=check.count)
 

@@ -56,24 +56,30 @@ def batches(groups: Groups, batch_size: int):
 
 
 @torch.no_grad()
+def correct(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, groups: Groups,
+            batch_size: int, device: torch.device) -> np.ndarray:
+    """Per image (N,) bool: right or wrong, each image run in the order of its group."""
+    model.to(device).eval()
+    out = np.zeros(len(labels), dtype=bool)
+    for index, order in batches(groups, batch_size):
+        batch = to_model_input(images[index], model.spec, device)
+        out[index] = model(batch, order).argmax(1).cpu().numpy() == labels[index]
+    return out
+
+
 def accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, groups: Groups,
              batch_size: int, device: torch.device) -> float:
     """Top-1 accuracy, each image run in the order of its group."""
-    model.to(device).eval()
-    correct = 0
-    for index, order in batches(groups, batch_size):
-        batch = to_model_input(images[index], model.spec, device)
-        predictions = model(batch, order).argmax(1).cpu()
-        correct += int((predictions == torch.as_tensor(labels[index])).sum())
-    return correct / len(labels)
+    return float(correct(model, images, labels, groups, batch_size, device).mean())
 
 
 @torch.no_grad()
 def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
                         severities: list[int], labels: np.ndarray,
                         modes: dict[str, Groups], batch_size: int,
-                        device: torch.device) -> dict:
-    """Accuracy per corruption and severity, per family, and the mean over all of them.
+                        device: torch.device) -> tuple[dict, dict]:
+    """Accuracy per corruption and severity, per family, and the mean over all of them; and the
+    per-image outcomes ({mode: {corruption: {severity: (N,) bool}}}).
 
     Every corrupted version of a group's images goes through the model together (one stream of
     batches per order, not one per corruption, severity and order: 8 forwards instead of 600
@@ -82,18 +88,21 @@ def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
             for i, s in enumerate(severities)]
     model.to(device).eval()
     table: dict = {name: {str(s): {} for s in severities} for name in corrupted}
+    outcomes: dict = {}
     for mode, groups in modes.items():
-        correct = np.zeros(len(sets), dtype=np.int64)
+        hits_all = np.zeros((len(sets), len(labels)), dtype=bool)
         for indices, order in groups:
             stacked = np.concatenate([stack[indices] for _, _, stack in sets])
             predictions = np.concatenate([
                 model(to_model_input(stacked[start:start + batch_size], model.spec, device),
                       order).argmax(1).cpu().numpy()
                 for start in range(0, len(stacked), batch_size)])
-            hits = predictions.reshape(len(sets), len(indices)) == labels[indices][None, :]
-            correct += hits.sum(1)
-        for (name, severity, _), count in zip(sets, correct):
-            table[name][severity][mode] = int(count) / len(labels)
+            hits_all[:, indices] = predictions.reshape(len(sets), len(indices)) == \
+                labels[indices][None, :]
+        outcomes[mode] = {name: {} for name in corrupted}
+        for (name, severity, _), hits in zip(sets, hits_all):
+            table[name][severity][mode] = float(hits.mean())
+            outcomes[mode][name][severity] = hits
 
     def mean(names, mode):
         return float(np.mean([table[n][str(s)][mode] for n in names for s in severities]))
@@ -107,22 +116,24 @@ def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
         "mean_corruption_accuracy": {m: mean(list(table), m) for m in modes},
         "errors": {n: {m: float(sum(1 - table[n][str(s)][m] for s in severities)) for m in modes}
                    for n in table},  # summed over severities: the numerator of a CE
-    }
+    }, outcomes
 
 
 def adversarial_accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray,
                          cfg: RobustnessConfig, modes: dict[str, Groups],
-                         device: torch.device) -> dict:
+                         device: torch.device) -> tuple[dict, dict]:
     """Accuracy under each attack and budget; the largest perturbation seen (must be <= eps);
-    and the sanity check that PGD never scores above FGSM at the same budget."""
+    the sanity check that PGD never scores above FGSM at the same budget; and the per-image
+    outcomes ({mode: {attack: {eps label: (N,) bool}}})."""
     attacks = cfg.attacks
     out: dict = {name: {} for name in attacks.names}
+    outcomes: dict = {mode: {name: {} for name in attacks.names} for mode in modes}
     worst_excess = 0.0
     for mode, groups in modes.items():
         generator = generator_for(attacks.seed, 0, STREAM_VALIDATION)
         for name in attacks.names:
             for eps in attacks.eps:
-                correct = 0
+                hits = np.zeros(len(labels), dtype=bool)
                 for index, order in batches(groups, cfg.batch_size):
                     pixels = torch.as_tensor(images[index]).to(device).permute(0, 3, 1, 2)
                     pixels = pixels.float() / 255.0
@@ -132,15 +143,16 @@ def adversarial_accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndar
                                  attacks.pgd_step_size, attacks.pgd_random_start, generator)
                     worst_excess = max(worst_excess, float((adv - pixels).abs().max()) - eps)
                     with torch.no_grad():
-                        correct += int((attacked(adv).argmax(1) == y).sum())
-                out[name].setdefault(eps_label(eps), {})[mode] = correct / len(labels)
+                        hits[index] = (attacked(adv).argmax(1) == y).cpu().numpy()
+                out[name].setdefault(eps_label(eps), {})[mode] = float(hits.mean())
+                outcomes[mode][name][eps_label(eps)] = hits
     violations = []
     if "fgsm" in out and "pgd" in out:
         violations = [f"{e} {m}" for e in out["pgd"] for m in out["pgd"][e]
                       if out["pgd"][e][m] > out["fgsm"][e][m]]
     return {"accuracy": out, "eps": [float(e) for e in attacks.eps],
             "max_perturbation_beyond_eps": max(0.0, worst_excess),
-            "pgd_above_fgsm": violations}
+            "pgd_above_fgsm": violations}, outcomes
 
 
 def nullspace_invariance(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray,
@@ -187,7 +199,9 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
                         cfg: RobustnessConfig, synthesis: SynthesisSettings,
                         device: torch.device | str = "cpu") -> dict:
     """Everything above for one model on the test split (`corrupted[name]`: (severities, N, H, W,
-    3) uint8 in the order of cfg.corruptions.severities)."""
+    3) uint8 in the order of cfg.corruptions.severities). "outcomes" holds, per mode, each
+    corrupted and attacked image's right/wrong ((N,) bool arrays, over the images corrupted and
+    attacked): what the report's intervals resample (anyorder.intervals)."""
     device = torch.device(device)
     modes = order_groups(model, len(labels), cfg.num_orders, cfg.order_seed)
     clean = {mode: accuracy(model, images, labels, groups, cfg.batch_size, device)
@@ -195,19 +209,25 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
     subset = evaluation_subset(len(labels), cfg.num_images, cfg.subset_seed)
     sub_modes = order_groups(model, len(subset), cfg.num_orders, cfg.order_seed)
     sub_corrupted = {name: stack[:, subset] for name, stack in corrupted.items()}
+    clean_subset = {mode: correct(model, images[subset], labels[subset], groups, cfg.batch_size,
+                                  device) for mode, groups in sub_modes.items()}
+    corruptions, corruption_outcomes = corruption_accuracy(
+        model, sub_corrupted, list(cfg.corruptions.severities), labels[subset], sub_modes,
+        cfg.batch_size, device)
+    adversarial, attack_outcomes = adversarial_accuracy(model, images[subset], labels[subset],
+                                                        cfg, sub_modes, device)
     return {
         "variant": model.variant,
         "modes": list(modes),
         "num_images": int(len(labels)),
         "num_images_attacked_and_corrupted": int(len(subset)),
         "clean_accuracy": clean,
-        "clean_accuracy_subset": {mode: accuracy(model, images[subset], labels[subset], groups,
-                                                 cfg.batch_size, device)
-                                  for mode, groups in sub_modes.items()},
-        "corruptions": corruption_accuracy(model, sub_corrupted, list(cfg.corruptions.severities),
-                                           labels[subset], sub_modes, cfg.batch_size, device),
-        "adversarial": adversarial_accuracy(model, images[subset], labels[subset], cfg, sub_modes,
-                                            device),
+        "clean_accuracy_subset": {mode: float(hits.mean()) for mode, hits in clean_subset.items()},
+        "corruptions": corruptions,
+        "adversarial": adversarial,
         "nullspace": nullspace_invariance(model, images, labels, train_images, cfg, synthesis,
                                           modes, device),
+        "outcomes": {mode: {"clean": clean_subset[mode],
+                            "corruptions": corruption_outcomes[mode],
+                            "attacks": attack_outcomes[mode]} for mode in sub_modes},
     }

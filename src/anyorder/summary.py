@@ -1,50 +1,83 @@
-"""The pipeline's summary table of evaluated runs (plain Python: no torch needed to read results)."""
+"""The pipeline's summary tables of evaluated runs (numpy and plain Python: no torch needed to
+read results). Differences between models come with 95% intervals over test images (and orders)
+from the per-image outcomes (anyorder.intervals) where the caller passes them."""
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 
-def summary_table(runs: dict[str, dict]) -> dict:
-    """Per-run results of `evaluate_orders` (plus "variant" and "seed") -> one summary: each
-    run's sequential and arbitrary-order accuracy, the first sequential run as the baseline, its
-    drop when shuffled, and every run's arbitrary mean as a fraction of the baseline's sequential
-    accuracy."""
-    baselines = [name for name, m in runs.items() if m["variant"] == "sequential"]
-    baseline = runs[baselines[0]] if baselines else None
-    summary: dict = {"baseline_run": baselines[0] if baselines else None, "runs": {}}
+from .intervals import corruption_errors, difference, mce, mce_interval
+
+
+def summary_table(runs: dict[str, dict], baseline: str,
+                  outcomes: Optional[dict[str, dict]] = None) -> dict:
+    """Per-run results of `evaluate_orders` (plus "variant", "seed", "fine_tune_epochs") -> one
+    summary: each run's sequential and arbitrary-order accuracy, the baseline run named (its
+    drop when shuffled), every run's arbitrary mean as a fraction of the baseline's sequential
+    accuracy, and, with `outcomes` (name -> unpacked metrics/outcomes/<name>.json), each run's
+    random-order mean minus the baseline's sequential accuracy with a 95% interval over test
+    images and orders. A run trained for another number of fine-tune epochs than the baseline is
+    flagged (`equal_budget`: false): a comparison at unequal budgets is not a comparison."""
+    if baseline not in runs:
+        raise KeyError(f"the baseline run {baseline!r} was not evaluated (evaluated: "
+                       f"{', '.join(runs)})")
+    base = runs[baseline]
+    summary: dict = {"baseline_run": baseline,
+                     "baseline_fine_tune_epochs": base.get("fine_tune_epochs"), "runs": {}}
     for name, m in runs.items():
         row = {"variant": m["variant"], "seed": m["seed"], "sequential": m["sequential"],
                "arbitrary_mean": m["arbitrary"]["mean"], "arbitrary_std": m["arbitrary"]["std"],
                "arbitrary_min": m["arbitrary"]["min"], "arbitrary_max": m["arbitrary"]["max"],
-               "num_orders": m["arbitrary"]["count"], "depth": m.get("depth")}
-        if baseline is not None:
-            row["arbitrary_mean_vs_baseline_sequential"] = (
-                m["arbitrary"]["mean"] / baseline["sequential"])
+               "num_orders": m["arbitrary"]["count"], "depth": m.get("depth"),
+               "fine_tune_epochs": m.get("fine_tune_epochs"),
+               "equal_budget": str(m.get("fine_tune_epochs")) == str(base.get("fine_tune_epochs")),
+               "arbitrary_mean_vs_baseline_sequential": m["arbitrary"]["mean"] / base["sequential"]}
+        if outcomes is not None:
+            row["arbitrary_minus_baseline_sequential"] = difference(
+                np.stack(outcomes[name]["orders"]["random_orders"]),
+                outcomes[baseline]["orders"]["sequential"])
+            row["sequential_minus_baseline_sequential"] = difference(
+                outcomes[name]["orders"]["sequential"], outcomes[baseline]["orders"]["sequential"])
         summary["runs"][name] = row
-    if baseline is not None:
-        summary["baseline_shuffle_drop"] = baseline["sequential"] - baseline["arbitrary"]["mean"]
+    summary["baseline_shuffle_drop"] = base["sequential"] - base["arbitrary"]["mean"]
     return summary
 
 
-def _mce(own: dict, base: dict, mode: str) -> float:
-    """Mean over corruptions of (errors summed over severities) / the baseline's, sequential."""
-    ratios = [own[name][mode] / base[name]["sequential"] for name in own
-              if mode in own[name] and base.get(name, {}).get("sequential")]
-    return sum(ratios) / len(ratios) if ratios else float("nan")
+def _mce(own: dict, base: dict, mode: str, num_images: int) -> float:
+    """Mean over corruptions of (errors summed over severities) / the baseline's, sequential;
+    a corruption on which the baseline made no error counts it as one image wrong
+    (anyorder.intervals.mce: none is dropped)."""
+    ratios = [own[name][mode] / max(base[name]["sequential"], 1.0 / num_images) for name in own]
+    return sum(ratios) / len(ratios)
 
 
-def robustness_table(models: dict[str, dict], baseline: str) -> dict:
+# Attack columns with an interval in the differences table (the budgets the figure shows).
+DIFFERENCE_ATTACKS = ("fgsm@4/255", "pgd@4/255")
+
+
+def robustness_table(models: dict[str, dict], baseline: str,
+                     outcomes: Optional[dict[str, dict]] = None) -> dict:
     """Per model (metrics/robustness/<name>.json contents) and mode: clean accuracy, mean
     corruption accuracy, mCE relative to `baseline` (its sequential errors; 1.0 = as robust as
-    the baseline, lower is better), attack accuracy per budget, and nullspace invariance."""
-    base = models[baseline]["corruptions"]["errors"]
+    the baseline, lower is better; every corruption counted), attack accuracy per budget, and
+    nullspace invariance. With `outcomes` (name -> unpacked outcomes, their "robustness" part),
+    also the differences from the baseline (sequential) with 95% intervals over test images:
+    clean, mean corruption accuracy, the attacks of DIFFERENCE_ATTACKS, and mCE's own interval."""
+    if baseline not in models:
+        raise KeyError(f"the baseline {baseline!r} has no robustness metrics (models: "
+                       f"{', '.join(models)})")
+    base_metrics = models[baseline]
+    base = base_metrics["corruptions"]["errors"]
     table: dict = {"baseline": baseline, "models": {}}
     for name, m in models.items():
         rows = {}
         for mode in m["modes"]:
-            row = {"clean": m["clean_accuracy"][mode],
+            row = {"fine_tune_epochs": m.get("fine_tune_epochs"),
+                   "clean": m["clean_accuracy"][mode],
                    "mean_corruption_accuracy": m["corruptions"]["mean_corruption_accuracy"][mode],
-                   "mce_vs_baseline": _mce(m["corruptions"]["errors"], base, mode)}
+                   "mce_vs_baseline": _mce(m["corruptions"]["errors"], base, mode,
+                                           m["num_images_attacked_and_corrupted"])}
             for attack, by_eps in m["adversarial"]["accuracy"].items():
                 for eps, by_mode in by_eps.items():
                     row[f"{attack}@{eps}"] = by_mode[mode]
@@ -52,13 +85,39 @@ def robustness_table(models: dict[str, dict], baseline: str) -> dict:
                 m["nullspace"]["exact"][mode]["relative_logit_change_max"])
             row["exact_nullspace_predictions_changed"] = (
                 m["nullspace"]["exact"][mode]["predictions_changed"])
-            row["synthesised_noise_accuracy"] = m["nullspace"]["synthesised"][mode][
-                "noisy_accuracy"]
+            synthesised = m["nullspace"]["synthesised"]
+            row["synthesised_noise_accuracy"] = synthesised[mode]["noisy_accuracy"]
+            row["synthesis_converged"] = synthesised["synthesis"]["converged"]
+            if "training_synthesis" in m:
+                row["training_synthesis_converged"] = m["training_synthesis"][
+                    "converged_every_epoch"]
             if "start_clean_accuracy" in m:
                 row["clean_vs_start"] = m["clean_accuracy"][mode] / m["start_clean_accuracy"][mode]
+            if outcomes is not None:
+                row["differences"] = robustness_differences(outcomes[name][mode],
+                                                            outcomes[baseline]["sequential"])
             rows[mode] = row
         table["models"][name] = {"variant": m["variant"], **rows}
     return table
+
+
+def robustness_differences(own: dict, base: dict) -> dict:
+    """One model-mode's robustness outcomes against the baseline's: differences of clean,
+    mean corruption accuracy and DIFFERENCE_ATTACKS accuracy (test images resampled, paired;
+    the corruption sets are a fixed benchmark, not resampled), and mCE with its interval."""
+    def sets(outcome: dict) -> np.ndarray:
+        return np.stack([hits for by_severity in outcome["corruptions"].values()
+                         for hits in by_severity.values()])
+
+    out = {"clean": difference(own["clean"], base["clean"]),
+           "mean_corruption_accuracy": difference(sets(own), sets(base), resample_rows=False),
+           "mce_vs_baseline": mce_interval(corruption_errors(own["corruptions"]),
+                                           corruption_errors(base["corruptions"]))}
+    for column in DIFFERENCE_ATTACKS:
+        attack, eps = column.split("@")
+        if eps in own["attacks"].get(attack, {}) and eps in base["attacks"].get(attack, {}):
+            out[column] = difference(own["attacks"][attack][eps], base["attacks"][attack][eps])
+    return out
 
 
 def robustness_markdown(table: dict, columns: list[str]) -> str:
@@ -70,6 +129,53 @@ def robustness_markdown(table: dict, columns: list[str]) -> str:
             if mode == "variant":
                 continue
             cells = [name, entry["variant"], mode] + [_number(row.get(c)) for c in columns]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def synthesis_markdown(models: dict[str, dict]) -> str:
+    """The noise every nullspace fine-tuning epoch trained on (metrics/robustness/<arm>.json,
+    "training_synthesis"): one row per arm and epoch."""
+    rows = [[name, str(r["epoch"]), str(r["steps"]), r["distance"], r["random_distance"],
+             f"{r['start_norm']:.1f} -> {r['norm']:.1f}", r["moved_from_start"],
+             r["distance_to_random"], "yes" if r["converged"] else "**no**"]
+            for name, m in models.items() if "training_synthesis" in m
+            for r in m["training_synthesis"]["epochs"]]
+    if not rows:
+        return ""
+    return _table(["arm", "epoch", "steps", "distance (check set)", "random noise, same norm",
+                   "norm: start -> end", "moved from start", "from the random noise",
+                   "converged"], rows)
+
+
+def interval_text(value: Optional[dict], points: bool = True) -> str:
+    """An interval from anyorder.intervals as text: "+1.23 [-0.40, +2.86]" (differences, in
+    points) or "0.952 [0.881, 1.020]" (a ratio such as mCE)."""
+    if not value:
+        return ""
+    if points:
+        return (f"{100 * value['value']:+.2f} [{100 * value['low']:+.2f}, "
+                f"{100 * value['high']:+.2f}]")
+    return f"{value['value']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+
+
+DIFFERENCE_COLUMNS = ("clean", "mean_corruption_accuracy", "mce_vs_baseline", *DIFFERENCE_ATTACKS)
+
+
+def differences_markdown(table: dict) -> str:
+    """Every model and mode against the baseline (sequential): differences in points and mCE,
+    each with its 95% interval over test images (rows where outcomes were given)."""
+    head = ["model", "mode", "fine-tune epochs"] + [
+        c if c == "mce_vs_baseline" else f"{c} (points)" for c in DIFFERENCE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for name, entry in table["models"].items():
+        for mode, row in entry.items():
+            if mode == "variant" or "differences" not in row or (
+                    name == table["baseline"] and mode == "sequential"):
+                continue
+            cells = [name, mode, str(row.get("fine_tune_epochs", ""))] + [
+                interval_text(row["differences"].get(c), points=c != "mce_vs_baseline")
+                for c in DIFFERENCE_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -104,10 +210,12 @@ def kept_at(rows: list[dict], model: str, blocks_run: int) -> float | None:
     return own[blocks_run] / full if blocks_run in own and full else None
 
 
-def merge_summary(cards: dict[str, dict], runs: dict[str, dict]) -> dict:
+def merge_summary(cards: dict[str, dict], runs: dict[str, dict],
+                  outcomes: Optional[dict[str, dict]] = None) -> dict:
     """Per merged model: validation (merged, best source, sources' mean) and test (merged mean
     over the evaluate stage's orders vs the mean of its sources' means over the same orders,
-    where those sources were evaluated by evaluate@<run>)."""
+    where those sources were evaluated by evaluate@<run>; with `outcomes`, that difference with
+    a 95% interval over test images and orders)."""
     out = {}
     for name, card in cards.items():
         sources = list(card["sources"])
@@ -125,6 +233,11 @@ def merge_summary(cards: dict[str, dict], runs: dict[str, dict]) -> dict:
             row["test_best_source"] = max(tested)
             row["test_merged_minus_sources_points"] = 100 * (row["test_merged_mean"]
                                                              - row["test_sources_mean"])
+            if outcomes is not None:
+                row["test_merged_minus_sources"] = difference(
+                    np.stack(outcomes[name]["orders"]["random_orders"]),
+                    np.concatenate([np.stack(outcomes[s]["orders"]["random_orders"])
+                                    for s in sources]))
         out[name] = row
     return out
 
@@ -150,10 +263,19 @@ def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: 
              "Pruned by 1/4: mean accuracy with a quarter of the blocks removed (random subsets; "
              "random orders for LayerShuffle models), as a fraction of the unpruned mean.\n",
              "## Models\n",
-             _table(["model", "variant", "blocks", "sequential", "random orders: mean", "worst",
+             f"Baseline: `{summary['baseline_run']}` (report.baseline), "
+             f"{summary['baseline_fine_tune_epochs']} fine-tune epochs. The difference column is "
+             f"a model's mean over the random orders minus the baseline's sequential accuracy, in "
+             f"points, with a 95% bootstrap interval over test images and orders. A model "
+             f"trained for another number of epochs than the baseline is marked *.\n",
+             _table(["model", "variant", "blocks", "fine-tune epochs", "sequential",
+                     "random orders: mean", "worst", "random orders - baseline (points)",
                      "pruned by 1/4 keeps"],
-                    [[name, row["variant"], str(row.get("depth", "")), row["sequential"],
-                      row["arbitrary_mean"], row["arbitrary_min"], quarter.get(name)]
+                    [[name, row["variant"], str(row.get("depth", "")),
+                      f"{row.get('fine_tune_epochs', '')}{'' if row['equal_budget'] else ' *'}",
+                      row["sequential"], row["arbitrary_mean"], row["arbitrary_min"],
+                      interval_text(row.get("arbitrary_minus_baseline_sequential")),
+                      quarter.get(name)]
                      for name, row in summary["runs"].items()])]
     if "orders" in figures:
         parts += ["\n## Accuracy per order\n", f"![accuracy per order]({figures['orders']})\n"]
@@ -165,10 +287,11 @@ def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: 
     if merges:
         parts += ["\n## Frankenstein merges\n",
                   _table(["merged", "generator", "val: merged", "val: best source",
-                          "test: merged mean", "test: sources' mean", "difference (points)",
-                          "recipe (slot: source:block)"],
+                          "test: merged mean", "test: sources' mean",
+                          "difference (points, 95% interval)", "recipe (slot: source:block)"],
                          [[name, m["generator"], m["val_merged"], m["val_best_source"],
                            m["test_merged_mean"], m.get("test_sources_mean"),
+                           interval_text(m.get("test_merged_minus_sources")) or
                            m.get("test_merged_minus_sources_points"), " ".join(m["slots"])]
                           for name, m in merges.items()])]
     parts += ["\n## Robustness\n", robustness_md]
