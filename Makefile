@@ -27,7 +27,7 @@ run: setup
 	  PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(QUIET) $(VENV)/bin/dvc repro
 
 # The nullspace study: every arm of nullspace.arms with 3 seeds on the whole test split (after
-# `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 15 min.
+# `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 10 min.
 study: run
 	$(QUIET) $(PY) pipeline/study.py --seeds 0 1 2
 

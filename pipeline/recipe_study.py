@@ -39,7 +39,9 @@ from anyorder.config import FinetuneRun, load_settings
 from anyorder.data import load_split, prepare_dataset
 from anyorder.evaluate import evaluate_orders, select_best
 from anyorder.files import atomic_write_bytes, atomic_write_json, npz_bytes
+from anyorder.intervals import difference, pack_tree, unpack_tree
 from anyorder.model import build_model, model_spec, variant_spec
+from anyorder.summary import interval_text
 from anyorder.train import train_and_save
 
 WORK_ROOT = Path(".anyorder/recipe_study")
@@ -205,14 +207,14 @@ def main() -> None:
 
     sel, ev = settings.select, settings.evaluate
     _, val_scores = select_best(models, *val, sel.num_orders, sel.order_seed, sel.batch_size)
-    results = {}
+    results, outcomes = {}, {}
     for name, model in models.items():
         cached = WORK / name / "test_evaluation.json"  # the study's, not the model's
-        if cached.is_file():
-            test_eval = json.loads(cached.read_text())
-        else:
-            test_eval = evaluate_orders(model, *test, ev.num_orders, ev.order_seed, ev.batch_size)
-            atomic_write_json(cached, test_eval)
+        if not cached.is_file() or "outcomes" not in json.loads(cached.read_text()):
+            atomic_write_json(cached, pack_tree(evaluate_orders(
+                model, *test, ev.num_orders, ev.order_seed, ev.batch_size)))
+        test_eval = unpack_tree(json.loads(cached.read_text()))
+        outcomes[name] = test_eval["outcomes"]
         final = _final(WORK / name)
         results[name] = {
             "run": dataclasses.asdict(runs[name]), "start": starts[name],
@@ -228,6 +230,8 @@ def main() -> None:
     for name in results:
         results[name]["test_random_over_baseline"] = \
             results[name]["test_random_orders"]["mean"] / baseline
+        results[name]["test_random_minus_baseline"] = difference(
+            np.stack(outcomes[name]["random_orders"]), outcomes["sequential"]["sequential"])
     report = {"data": {"built_from": str(SOURCE), "level": args.level, **LEVELS[args.level],
                        "images": 10_000, "size": 28,
                        "train": int(len(load_split(prepared, "train")[1])),
@@ -246,14 +250,16 @@ def _final(model_dir: Path) -> dict:
 
 def _table(report: dict) -> str:
     lines = ["| run | epochs | lr | train acc (last epoch) | val, random orders | test, sequential "
-             "| test, random orders (min) | / baseline |", "|---|---|---|---|---|---|---|---|"]
+             "| test, random orders (min) | / baseline | - baseline (points, 95% interval) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
         mark = " (chosen on val)" if name == report["chosen_on_val"] else ""
         lines.append(
             f"| {name}{mark} | {r['epochs']} | {r['lr']:g} | {r['train_accuracy_last_epoch']:.4f} "
             f"| {r['val_random_orders']['mean']:.4f} | {r['test_sequential']:.4f} "
             f"| {r['test_random_orders']['mean']:.4f} ({r['test_random_orders']['min']:.4f}) "
-            f"| {100 * r['test_random_over_baseline']:.1f}% |")
+            f"| {100 * r['test_random_over_baseline']:.1f}% "
+            f"| {interval_text(r['test_random_minus_baseline'])} |")
     return "\n".join(lines) + "\n"
 
 

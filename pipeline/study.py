@@ -1,11 +1,11 @@
 """The nullspace study (`make study`): every nullspace arm of params.yaml (nullspace.arms and
 nullspace.study_arms, the random-noise controls) with several seeds.
 
-The default pipeline runs each arm with one seed and attacks/corrupts a subset of the test split
-(robustness.num_images) to fit its 15-minute budget. This runs each arm's start model and noise
-kind with every seed given, on the whole test split, and writes metrics/study/nullspace.json and
-metrics/study/nullspace.md: per arm mean +- std over the seeds, and the paired differences
-nullspace - plain and nullspace - random. It reads what `make run` wrote (data/prepared,
+The default pipeline runs each arm with one seed, and the random-noise controls not at all. This
+runs each arm's start model and noise kind with every seed given, on the whole test split, and
+writes metrics/study/nullspace.json and metrics/study/nullspace.md: per arm mean +- std over the
+seeds, the differences nullspace - plain and nullspace - random with 95% bootstrap intervals over
+test images and seeds, and every epoch's noise synthesis. It reads what `make run` wrote (data/prepared,
 data/corrupted, the start models) and decides nothing on the test split: every arm trains for
 nullspace.epochs and its last epoch is the model (validation accuracy is recorded, not used).
 
