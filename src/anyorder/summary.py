@@ -67,8 +67,7 @@ def robustness_table(models: dict[str, dict], baseline: str,
     if baseline not in models:
         raise KeyError(f"the baseline {baseline!r} has no robustness metrics (models: "
                        f"{', '.join(models)})")
-    base_metrics = models[baseline]
-    base = base_metrics["corruptions"]["errors"]
+    base = models[baseline]["corruptions"]["errors"]
     table: dict = {"baseline": baseline, "models": {}}
     for name, m in models.items():
         rows = {}
