@@ -46,8 +46,8 @@ def main() -> None:
     noise = epoch_noise(arm.noise, synthesis, train_images, device)
     recipe = {"arm": arm_name, "start": arm.start, "noise": arm.noise,
               "synthesis": asdict(synthesis)}
-    start_epochs = json.loads((Path(arm.start) / SPEC).read_text())["training"]["config"][
-        "epochs"]
+    trained = json.loads((Path(arm.start) / SPEC).read_text()).get("training", {})
+    start_epochs = trained.get("config", {}).get("epochs", "?")  # "?": a start trained elsewhere
 
     def evaluate(mlflow, history) -> None:
         _, outcomes = evaluate_and_write(
