@@ -1,4 +1,4 @@
-"""One-time cross-check of the hand-written attacks (src/anyorder/attacks.py) against torchattacks.
+"""One-time cross-check of the hand-written attacks (src/anyorder/robustness/attacks.py) against torchattacks.
 
 torchattacks is not a dependency (3.5.1 pins requests~=2.25.1, which would downgrade what MLflow
 needs), so install it beside the project without its dependencies to run this:
@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from anyorder.attacks import PixelModel, fgsm, pgd  # noqa: E402
-from anyorder.model import ModelSpec, build_model  # noqa: E402
+from anyorder.robustness.attacks import PixelModel, fgsm, pgd  # noqa: E402
+from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
 
 
 def main() -> None:

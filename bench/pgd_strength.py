@@ -20,9 +20,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from anyorder.attacks import PixelModel, attack  # noqa: E402
-from anyorder.checkpoint import load_model  # noqa: E402
-from anyorder.data import load_split  # noqa: E402
+from anyorder.robustness.attacks import PixelModel, attack  # noqa: E402
+from anyorder.model.checkpoint import load_model  # noqa: E402
+from anyorder.data.prepare import load_split  # noqa: E402
 
 
 def main() -> None:

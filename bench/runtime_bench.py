@@ -39,9 +39,9 @@ from _report import header, write  # noqa: E402  (bench/_report.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from anyorder.export import _exportable, export_model  # noqa: E402
-from anyorder.model import ModelSpec, build_model  # noqa: E402
-from anyorder.runtime import PROVIDERS, BlockRuntime, session_options  # noqa: E402
+from anyorder.export.blocks import _exportable, export_model  # noqa: E402
+from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
+from anyorder.export.runtime import PROVIDERS, BlockRuntime, session_options  # noqa: E402
 
 MODELS = {
     # The pipeline's default model (params.yaml): 32x32 inputs, patch 8, width 64, depth 8.

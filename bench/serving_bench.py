@@ -44,7 +44,7 @@ from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import numpy as np  # noqa: E402
 
-from anyorder.runtime import BlockRuntime, read_manifest  # noqa: E402
+from anyorder.export.runtime import BlockRuntime, read_manifest  # noqa: E402
 from anyorder.serving import protocol  # noqa: E402
 from anyorder.serving.cluster import assign_blocks, launch  # noqa: E402
 from anyorder.serving.router import Router  # noqa: E402

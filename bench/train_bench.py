@@ -38,8 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from anyorder.config import load_settings  # noqa: E402
-from anyorder.model import build_model, model_spec  # noqa: E402
-from anyorder.train import FUSED_ADAMW_DEVICES  # noqa: E402
+from anyorder.model.vit import build_model, model_spec  # noqa: E402
+from anyorder.training.loop import FUSED_ADAMW_DEVICES  # noqa: E402
 
 ARCHS = {  # name -> (model settings, image size); "default" is params.yaml's model
     "vit_s": (dict(arch="vit_small_patch16_224", patch_size=16, embed_dim=384, depth=12,
@@ -174,14 +174,14 @@ def main() -> None:
     parser.add_argument("--optimizer", default="pipeline", choices=["pipeline", "fused", "loop"],
                         help="AdamW's implementation: fused (one kernel), loop (torch's default "
                              "on CPU: a Python loop over the parameters), or what training uses "
-                             "(pipeline: fused on CPU and CUDA; anyorder.train)")
+                             "(pipeline: fused on CPU and CUDA; anyorder.training.loop)")
     parser.add_argument("--fused", dest="optimizer", action="store_const", const="fused",
                         help=argparse.SUPPRESS)  # the older spelling of --optimizer fused
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--attention", default="pipeline", choices=["pipeline", "fused", "plain"],
                         help="timm's attention kernel: fused (scaled_dot_product_attention), "
                              "plain (two matmuls + softmax), or what training uses (pipeline: "
-                             "fused on a GPU, plain on CPU; anyorder.train)")
+                             "fused on a GPU, plain on CPU; anyorder.training.loop)")
     parser.add_argument("--profile", default="", help="also profile 10 LayerShuffle steps "
                                                       "(torch.profiler, CPU) into this JSON")
     parser.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from _stage import METRICS, PLOTS
 
-from anyorder.evaluate import evaluate_orders
+from anyorder.evaluation.accuracy import evaluate_orders
 from anyorder.files import atomic_write_csv, atomic_write_json
-from anyorder.pruning import pruning_curve
+from anyorder.evaluation.pruning import pruning_curve
 
 
 def evaluate_and_prune(settings, model, name: str, seed, test, device, pruning_device, mlflow,

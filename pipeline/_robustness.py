@@ -10,10 +10,10 @@ import numpy as np
 
 from _stage import CORRUPTED, METRICS, PREPARED, fail, read_json
 
-from anyorder.data import load_split
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_write_json
-from anyorder.nullspace import SynthesisSettings
-from anyorder.robustness import accuracy, evaluate_robustness, order_groups
+from anyorder.robustness.nullspace import SynthesisSettings
+from anyorder.robustness.evaluate import accuracy, evaluate_robustness, order_groups
 
 
 def synthesis_settings(settings) -> SynthesisSettings:

@@ -200,7 +200,7 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
     params = declared(stage_name, "params", raw)
     settings.restrict_to(params + ["mlflow"], stage_name)
     if "compute" in params:  # the stages that compute declare it; the others never read it
-        from anyorder.compute import apply_threads
+        from anyorder.threads import apply_threads
         apply_threads(settings.compute.threads)
     return Stage(stage_name, args, settings, raw, args.params)
 

@@ -14,11 +14,11 @@ from typing import Callable, Optional
 from _stage import (PREPARED, STAGE_ARGV, Stage, fail, inputs_digest, project_root,
                     track)
 
-from anyorder import distributed
-from anyorder.compute import cores_per_process
+from anyorder.training import distributed
+from anyorder.threads import cores_per_process
 from anyorder.files import atomic_write_csv
 from anyorder.errors import RunFailed
-from anyorder.train import train_and_save
+from anyorder.training.loop import train_and_save
 
 # Resumable training state: outside DVC's outputs (DVC deletes those before a stage runs), and
 # at the real project root so that it survives `dvc exp run --temp` and the experiment queue.

@@ -13,12 +13,12 @@ import numpy as np
 from _plots import png, pyplot
 from _stage import METRICS, PLOTS, PREPARED, begin, declared, fail, track, user_errors
 
-from anyorder.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
+from anyorder.evaluation.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
                                slot_separation)
-from anyorder.checkpoint import load_model
-from anyorder.data import load_split
+from anyorder.model.checkpoint import load_model
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from anyorder.tensors import resolve_device
+from anyorder.device import resolve_device
 
 OUT = PLOTS / "analysis"
 

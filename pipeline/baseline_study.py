@@ -25,12 +25,12 @@ import torch
 from _stage import PREPARED
 
 from anyorder.config import load_settings
-from anyorder.data import load_meta, load_split
-from anyorder.evaluate import accuracy_for_orders
+from anyorder.data.prepare import load_meta, load_split
+from anyorder.evaluation.accuracy import accuracy_for_orders
 from anyorder.files import atomic_write_bytes, atomic_write_json
-from anyorder.model import build_model, model_spec, variant_spec
-from anyorder.orders import random_orders
-from anyorder.train import train_model
+from anyorder.model.vit import build_model, model_spec, variant_spec
+from anyorder.evaluation.orders import random_orders
+from anyorder.training.loop import train_model
 
 OUT = Path("metrics/study")
 

@@ -13,11 +13,11 @@ from _evaluation import evaluate_and_prune
 from _robustness import evaluate_and_write, load_corrupted
 from _stage import FINETUNED, METRICS, PREPARED, begin, track, user_errors
 
-from anyorder.checkpoint import SPEC, load_model
-from anyorder.data import load_split
+from anyorder.model.checkpoint import SPEC, load_model
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_write_json
-from anyorder.intervals import pack_tree
-from anyorder.tensors import resolve_device
+from anyorder.evaluation.intervals import pack_tree
+from anyorder.device import resolve_device
 
 
 def main() -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from _stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
 
-from anyorder.checkpoint import load_model
-from anyorder.data import load_split
-from anyorder.export import check_export, export_model
+from anyorder.model.checkpoint import load_model
+from anyorder.data.prepare import load_split
+from anyorder.export.blocks import check_export, export_model
 from anyorder.files import atomic_write_json
-from anyorder.runtime import BlockRuntime
+from anyorder.export.runtime import BlockRuntime
 
 
 def runtime_accuracy(export_dir: Path, evaluation: dict, images, labels) -> dict:

@@ -5,10 +5,10 @@ kept) and `depth` (a shallower model: the pre-trained model's first `depth` bloc
 from _stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
 from _training import train_and_log
 
-from anyorder.checkpoint import load_model, load_start_weights
-from anyorder.model import build_model, variant_spec
-from anyorder.orders import layerdrop_rates
-from anyorder.tensors import resolve_device
+from anyorder.model.checkpoint import load_model, load_start_weights
+from anyorder.model.vit import build_model, variant_spec
+from anyorder.evaluation.orders import layerdrop_rates
+from anyorder.device import resolve_device
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Stage `merge@<name>`: a Frankenstein model assembled block by block from several fine-tuned
 models that share a start (merge.models.<name>: a recipe generator, random | greedy | manual, its
-sources and seed; see anyorder.merge).
+sources and seed; see anyorder.model.merge).
 
 Writes models/merged/<name>/: the merged checkpoint (an ordinary one: it evaluates, exports and
 registers like any other), `recipe.yaml` (the recipe, usable as a manual one) and `merge.json`
@@ -14,13 +14,13 @@ from pathlib import Path
 from _evaluation import evaluate_and_prune
 from _stage import MERGED, METRICS, PREPARED, begin, declared, fail, track, user_errors
 
-from anyorder.checkpoint import SPEC, WEIGHTS, load_model, save_model
-from anyorder.data import load_split
+from anyorder.model.checkpoint import SPEC, WEIGHTS, load_model, save_model
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
-from anyorder.intervals import pack_tree
-from anyorder.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,
+from anyorder.evaluation.intervals import pack_tree
+from anyorder.model.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,
                             merge_models, slot_table_sources)
-from anyorder.tensors import resolve_device
+from anyorder.device import resolve_device
 
 
 def sources_of(stage, name: str, entry) -> dict[str, str]:

@@ -19,12 +19,12 @@ from _robustness import (evaluate_and_write, load_corrupted, synthesis_per_epoch
 from _stage import METRICS, NULLSPACE, PLOTS, PREPARED, begin, fail, user_errors
 from _training import train_and_log
 
-from anyorder.checkpoint import SPEC, load_model
-from anyorder.data import load_split
+from anyorder.model.checkpoint import SPEC, load_model
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_write_json
-from anyorder.intervals import pack_tree
-from anyorder.nullspace import epoch_noise
-from anyorder.tensors import resolve_device
+from anyorder.evaluation.intervals import pack_tree
+from anyorder.robustness.nullspace import epoch_noise
+from anyorder.device import resolve_device
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 seeded and stratified), write."""
 from _stage import PREPARED, begin, track, user_errors
 
-from anyorder.data import prepare_dataset
+from anyorder.data.prepare import prepare_dataset
 
 
 def main() -> None:

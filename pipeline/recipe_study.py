@@ -34,15 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anyorder.checkpoint import load_model, load_start_weights
+from anyorder.model.checkpoint import load_model, load_start_weights
 from anyorder.config import FinetuneRun, load_settings
-from anyorder.data import load_split, prepare_dataset
-from anyorder.evaluate import evaluate_orders, select_best
+from anyorder.data.prepare import load_split, prepare_dataset
+from anyorder.evaluation.accuracy import evaluate_orders, select_best
 from anyorder.files import atomic_write_bytes, atomic_write_json, npz_bytes
-from anyorder.intervals import difference, pack_tree, unpack_tree
-from anyorder.model import build_model, model_spec, variant_spec
-from anyorder.summary import interval_text
-from anyorder.train import train_and_save
+from anyorder.evaluation.intervals import difference, pack_tree, unpack_tree
+from anyorder.model.vit import build_model, model_spec, variant_spec
+from anyorder.report import interval_text
+from anyorder.training.loop import train_and_save
 
 WORK_ROOT = Path(".anyorder/recipe_study")
 OUT = Path("metrics/study")

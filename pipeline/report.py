@@ -15,8 +15,8 @@ from _plots import png, pyplot
 from _stage import METRICS, PLOTS, begin, read_json, track
 
 from anyorder.files import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from anyorder.intervals import unpack_tree
-from anyorder.summary import (differences_markdown, merge_summary, pruning_rows, report_markdown,
+from anyorder.evaluation.intervals import unpack_tree
+from anyorder.report import (differences_markdown, merge_summary, pruning_rows, report_markdown,
                               robustness_markdown, robustness_table, summary_table,
                               synthesis_markdown)
 

@@ -7,11 +7,11 @@ import shutil
 from _stage import (FINETUNED, METRICS, PREPARED, SELECTED, begin, fail, read_json, track,
                     user_errors)
 
-from anyorder.checkpoint import load_model
-from anyorder.data import load_split
-from anyorder.evaluate import select_best
+from anyorder.model.checkpoint import load_model
+from anyorder.data.prepare import load_split
+from anyorder.evaluation.accuracy import select_best
 from anyorder.files import atomic_directory, atomic_write_json
-from anyorder.tensors import resolve_device
+from anyorder.device import resolve_device
 
 
 def main() -> None:

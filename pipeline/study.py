@@ -25,17 +25,17 @@ import torch
 from _robustness import load_corrupted, synthesis_per_epoch, synthesis_settings
 from _stage import CORRUPTED, FINETUNED, PREPARED
 
-from anyorder.checkpoint import load_model
+from anyorder.model.checkpoint import load_model
 from anyorder.config import load_settings
-from anyorder.corruptions import CORRUPTIONS
-from anyorder.data import load_split
+from anyorder.robustness.corruptions import CORRUPTIONS
+from anyorder.data.prepare import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_json
-from anyorder.nullspace import epoch_noise
-from anyorder.robustness import evaluate_robustness
-from anyorder.intervals import difference
-from anyorder.summary import interval_text, robustness_table
-from anyorder.tensors import resolve_device
-from anyorder.train import train_model
+from anyorder.robustness.nullspace import epoch_noise
+from anyorder.robustness.evaluate import evaluate_robustness
+from anyorder.evaluation.intervals import difference
+from anyorder.report import interval_text, robustness_table
+from anyorder.device import resolve_device
+from anyorder.training.loop import train_model
 
 OUT = Path("metrics/study")
 HEADLINE = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255", "fgsm@2/255",
@@ -128,7 +128,7 @@ def main() -> None:
 
 def differences(ours: list[dict], theirs: list[dict], mode: str) -> dict:
     """Arm minus control in one mode: each headline figure's difference with a 95% interval
-    that resamples the test images (paired) and the seeds (anyorder.intervals.difference).
+    that resamples the test images (paired) and the seeds (anyorder.evaluation.intervals.difference).
     Corruptions: each seed's per-image accuracy over the fixed set of corrupted versions."""
     def rows(results: list[dict], pick) -> np.ndarray:
         return np.stack([pick(r["outcomes"][mode]) for r in results]).astype(float)

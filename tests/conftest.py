@@ -20,8 +20,8 @@ env.apply()
 # worker and the stages it starts) share 2 cores: one thread everywhere, subprocesses included.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-from anyorder.data import load_split, prepare_dataset  # noqa: E402
-from anyorder.model import ModelSpec, build_model  # noqa: E402
+from anyorder.data.prepare import load_split, prepare_dataset  # noqa: E402
+from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
 
 torch.set_num_threads(1)
 

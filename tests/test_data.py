@@ -1,4 +1,4 @@
-"""Tests for anyorder.data: every source on real on-disk fixtures, the split, the atomic write."""
+"""Tests for anyorder.data.prepare: every source on real on-disk fixtures, the split, the atomic write."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anyorder import data
-from anyorder.data import DataError
+from anyorder.data import prepare as data
+from anyorder.data.prepare import DataError
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded" / "digits.npz"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",

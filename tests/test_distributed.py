@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from anyorder.config import TrainConfig
-from anyorder.distributed import Dist
-from anyorder.train import train_and_save
+from anyorder.training.distributed import Dist
+from anyorder.training.loop import train_and_save
 
 from conftest import ROOT, tiny_model
 
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[4])  # the tests folder, for conftest's tiny model
     from conftest import tiny_model
     from anyorder.config import TrainConfig
-    from anyorder.train import train_and_save
+    from anyorder.training.loop import train_and_save
 
     steps = [0]
     original = torch.optim.AdamW.step
@@ -64,7 +64,7 @@ CFG = dict(epochs=3, batch_size=16, lr=2e-3, shift_pixels=1, device="cpu")
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A small prepared data set (48 training images: 3 steps of 16 per epoch)."""
-    from anyorder.data import prepare_dataset
+    from anyorder.data.prepare import prepare_dataset
     from conftest import EMBEDDED
     out = tmp_path_factory.mktemp("dist") / "prepared"
     prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 0, out)
@@ -126,8 +126,8 @@ def test_two_processes_train_like_one_and_a_killed_run_resumes(tmp_path, prepare
 
 
 def test_threads_apply_to_torch_and_to_onnx_runtime_sessions(monkeypatch):
-    from anyorder import compute
-    from anyorder.runtime import session_options
+    from anyorder import threads as compute
+    from anyorder.export.runtime import session_options
 
     before = torch.get_num_threads()
     try:

@@ -8,10 +8,10 @@ import onnx
 import pytest
 import torch
 
-from anyorder import export
-from anyorder.export import check_export, export_model
-from anyorder.model import VARIANTS, build_model
-from anyorder.runtime import BlockRuntime, read_manifest
+from anyorder.export import blocks as export
+from anyorder.export.blocks import check_export, export_model
+from anyorder.model.vit import VARIANTS, build_model
+from anyorder.export.runtime import BlockRuntime, read_manifest
 
 from conftest import tiny_model, tiny_spec
 
@@ -118,7 +118,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_the_checkpoint_travels_with_the_export(tmp_path):
-    from anyorder.checkpoint import load_model, save_model
+    from anyorder.model.checkpoint import load_model, save_model
     model = tiny_model("ls", depth=2)
     save_model(model, tmp_path / "model", {"training": {"seed": 0}})
     manifest = export_model(model, tmp_path / "export", "m", checkpoint_dir=tmp_path / "model")

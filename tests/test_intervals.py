@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from anyorder.intervals import (corruption_errors, difference, mce, mce_interval, pack, unpack,
+from anyorder.evaluation.intervals import (corruption_errors, difference, mce, mce_interval, pack, unpack,
                                 pack_tree, unpack_tree)
-from anyorder.summary import robustness_table, summary_table
+from anyorder.report import robustness_table, summary_table
 
 
 def test_outcomes_round_trip_packed():

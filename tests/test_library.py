@@ -30,12 +30,12 @@ ISOLATED = textwrap.dedent("""
     # ...and it works: prepare, build, train an epoch, save, load, evaluate.
     import torch
     torch.set_num_threads(1)
-    from anyorder.checkpoint import load_model
+    from anyorder.model.checkpoint import load_model
     from anyorder.config import ModelConfig, TrainConfig
-    from anyorder.data import load_meta, load_split, prepare_dataset
-    from anyorder.evaluate import evaluate_orders
-    from anyorder.model import build_model, model_spec
-    from anyorder.train import train_and_save
+    from anyorder.data.prepare import load_meta, load_split, prepare_dataset
+    from anyorder.evaluation.accuracy import evaluate_orders
+    from anyorder.model.vit import build_model, model_spec
+    from anyorder.training.loop import train_and_save
     work = tempfile.mkdtemp()
     prepare_dataset("npz", __DATA__, 16, 0.15, 0.2, 0, work + "/prepared")
     meta = load_meta(work + "/prepared")
@@ -48,8 +48,8 @@ ISOLATED = textwrap.dedent("""
                              num_orders=2, seed=0)
     assert 0.0 <= result["arbitrary"]["mean"] <= 1.0
     # ...and exports, and the runtime runs the export (onnx and onnxruntime, no exporter extras).
-    from anyorder.export import check_export, export_model
-    from anyorder.runtime import BlockRuntime
+    from anyorder.export.blocks import check_export, export_model
+    from anyorder.export.runtime import BlockRuntime
     trained = load_model(work + "/model")
     export_model(trained, work + "/export", "tiny")
     assert check_export(trained, work + "/export", num_orders=2)["max_abs_error"] <= 1e-4
@@ -101,7 +101,7 @@ SERVING = textwrap.dedent("""
 def test_an_export_is_served_without_torch(tmp_path):
     """Where the model is only served (mlflow models serve, a small box), numpy and onnxruntime
     are all the runtime and the MLflow loader module need."""
-    from anyorder.export import export_model
+    from anyorder.export.blocks import export_model
     from conftest import tiny_model
     export_model(tiny_model("ls", depth=2), tmp_path / "export", "tiny")
     script = (SERVING.replace("__ABSENT__", repr(ABSENT_WHEN_SERVING))

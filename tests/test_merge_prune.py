@@ -8,19 +8,19 @@ import pytest
 import torch
 
 from conftest import tiny_model, tiny_spec
-from anyorder.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
+from anyorder.evaluation.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
                                slot_separation)
-from anyorder.checkpoint import load_model, save_model, tensors_digest
+from anyorder.model.checkpoint import load_model, save_model, tensors_digest
 from anyorder.config import ConfigError, FinetuneRun, TrainConfig, settings_from_dict
-from anyorder.evaluate import accuracy_for_orders, evaluate_orders
-from anyorder.export import check_export, export_model
-from anyorder.merge import (GENERATORS, MergeContext, MergeError, Recipe, Scorer,
+from anyorder.evaluation.accuracy import accuracy_for_orders, evaluate_orders
+from anyorder.export.blocks import check_export, export_model
+from anyorder.model.merge import (GENERATORS, MergeContext, MergeError, Recipe, Scorer,
                             check_compatible, merge_models)
-from anyorder.model import variant_spec
-from anyorder.orders import OrderSampler, epoch_orders, layerdrop_rates
-from anyorder.pruning import pruning_curve, pruning_plan
-from anyorder.summary import kept_at, merge_summary, pruning_rows, report_markdown
-from anyorder.train import train_model
+from anyorder.model.vit import variant_spec
+from anyorder.evaluation.orders import OrderSampler, epoch_orders, layerdrop_rates
+from anyorder.evaluation.pruning import pruning_curve, pruning_plan
+from anyorder.report import kept_at, merge_summary, pruning_rows, report_markdown
+from anyorder.training.loop import train_model
 
 
 def perturbed(variant="ls", seed=1, scale=0.05, **kw):
@@ -120,7 +120,7 @@ def test_an_ls_pos_block_reads_the_slot_table_it_was_trained_with_in_a_merge(tmp
     assert torch.equal(again.block_slot_tables, merged.block_slot_tables)
     export_model(merged, tmp_path / "export", "merged", 17)
     assert check_export(merged, tmp_path / "export", 3, 0)["max_abs_error"] < 1e-4
-    from anyorder.merge import slot_table_sources
+    from anyorder.model.merge import slot_table_sources
     assert slot_table_sources(recipe, merged) == {
         "layout": "per_block", "per_slot": ["b:3", "a:1", "b:0", "a:2"]}
 
@@ -232,7 +232,7 @@ def test_orders_sharing_a_prefix_share_its_blocks_and_give_the_same_accuracies(d
 
 
 def normalised(model, images):
-    from anyorder.tensors import to_model_input
+    from anyorder.data.inputs import to_model_input
     return to_model_input(images, model.spec, torch.device("cpu")).numpy()
 
 

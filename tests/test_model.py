@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anyorder.model import VARIANTS, ModelSettingsError, build_model
+from anyorder.model.vit import VARIANTS, ModelSettingsError, build_model
 
 from conftest import tiny_model, tiny_spec
 
@@ -218,7 +218,7 @@ NAMES = [str(i) for i in range(10)]
 
 def test_null_overrides_take_timms_values_and_are_still_checked():
     from anyorder.config import ModelConfig
-    from anyorder.model import model_spec
+    from anyorder.model.vit import model_spec
     timm_values = ModelConfig(patch_size=None, embed_dim=None, depth=None, num_heads=None,
                               mlp_ratio=None)
     spec = model_spec(timm_values, 32, NAMES)
@@ -236,7 +236,7 @@ def test_null_overrides_take_timms_values_and_are_still_checked():
 
 def test_a_typo_in_the_architecture_suggests_the_real_name():
     from anyorder.config import ModelConfig
-    from anyorder.model import model_spec
+    from anyorder.model.vit import model_spec
     with pytest.raises(ModelSettingsError, match="did you mean vit_tiny_patch16_224"):
         model_spec(ModelConfig(arch="vit_tiny_patch16_244"), 32, NAMES)
 
@@ -253,7 +253,7 @@ def test_timm_weights_without_cache_or_hub_fail_in_seconds(monkeypatch, tmp_path
     """timm itself retries the hub for about a minute, then fails with a long traceback."""
     import time
     from huggingface_hub import constants
-    from anyorder.model import architecture_defaults
+    from anyorder.model.vit import architecture_defaults
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))       # nothing cached
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")     # nothing listens there
@@ -270,7 +270,7 @@ def test_timm_weights_without_cache_or_hub_fail_in_seconds(monkeypatch, tmp_path
 
 
 def test_plain_and_fused_attention_compute_the_same_function():
-    # Training on CPU switches timm's attention to its plain form (anyorder.train): it must be
+    # Training on CPU switches timm's attention to its plain form (anyorder.training.loop): it must be
     # the same function, gradients included, or CPU- and GPU-trained models would differ.
     model = tiny_model("ls", seed=0)
     images = torch.randn(3, 3, 16, 16)
@@ -289,7 +289,7 @@ def test_plain_and_fused_attention_compute_the_same_function():
 
 def _start_model(tmp_path, rename=None, depth=4):
     """A pre-trained (sequential) start model on disk, optionally with one key renamed."""
-    from anyorder.checkpoint import WEIGHTS, save_model
+    from anyorder.model.checkpoint import WEIGHTS, save_model
     start = tiny_model(depth=depth, seed=1)
     save_model(start, tmp_path / "start")
     if rename:
@@ -303,7 +303,7 @@ def _start_model(tmp_path, rename=None, depth=4):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_fine_tune_takes_every_start_weight_and_keeps_only_its_variant_parts_fresh(tmp_path,
                                                                                       variant):
-    from anyorder.checkpoint import load_start_weights
+    from anyorder.model.checkpoint import load_start_weights
     start = _start_model(tmp_path)
     model = tiny_model(variant, seed=2)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -319,7 +319,7 @@ def test_a_fine_tune_takes_every_start_weight_and_keeps_only_its_variant_parts_f
 
 
 def test_a_fine_tune_refuses_a_start_with_a_renamed_key(tmp_path):
-    from anyorder.checkpoint import CheckpointError, load_start_weights
+    from anyorder.model.checkpoint import CheckpointError, load_start_weights
     _start_model(tmp_path, rename=("vit.blocks.2.norm1.weight", "vit.blocks.2.ln_1.weight"))
     model = tiny_model("ls_pos", seed=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}

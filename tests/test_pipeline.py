@@ -123,7 +123,7 @@ def test_repro_writes_every_output(project):
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     versions = client.search_model_versions("name='anyorder-vit'")
     assert [v.version for v in versions] == [1] and not versions[0].aliases
-    assert versions[0].tags["anyorder.gates"].startswith("failed: ")
+    assert versions[0].tags["anyorder.evaluation.gates"].startswith("failed: ")
     # Robustness: every fine-tuned model and every nullspace arm, LS ones in random orders too.
     corrupted = json.loads((root / "data/corrupted/manifest.json").read_text())
     assert corrupted["names"] == ["gaussian_noise", "fog"] and corrupted["severities"] == [1, 5]
@@ -219,15 +219,15 @@ def test_a_param_change_reruns_exactly_the_stages_that_read_it(clone):
 @pytest.mark.slow
 def test_a_library_change_reruns_the_stages_that_import_it(clone):
     root, env = clone
-    with open(root / "src/anyorder/checkpoint.py", "a") as f:
+    with open(root / "src/anyorder/model/checkpoint.py", "a") as f:
         f.write("\n# one more byte\n")
     assert changed_stages(root, env) == {"pretrain", "finetune@seq", "finetune@ls",
                                          "finetune@ls1", "evaluate@seq", "evaluate@ls",
                                          "evaluate@ls1", "select", "export@ls_best",
                                          "nullspace@seq_null", "nullspace@ls_plain",
                                          "merge@frank", "analysis"}
-    run(["git", "checkout", "src/anyorder/checkpoint.py"], root, env)
-    with open(root / "src/anyorder/summary.py", "a") as f:
+    run(["git", "checkout", "src/anyorder/model/checkpoint.py"], root, env)
+    with open(root / "src/anyorder/report.py", "a") as f:
         f.write("\n# one more byte\n")
     assert changed_stages(root, env) == {"report"}
 

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from anyorder.attacks import PixelModel, attack, fgsm, pgd
+from anyorder.robustness.attacks import PixelModel, attack, fgsm, pgd
 from anyorder.config import CORRUPTION_NAMES, ConfigError, settings_from_dict
-from anyorder.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from anyorder.nullspace import (SynthesisSettings, epoch_noise, exact_noise_like, exact_nullspace,
+from anyorder.robustness.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from anyorder.robustness.nullspace import (SynthesisSettings, epoch_noise, exact_noise_like, exact_nullspace,
                                 invariance, patch_embedding_matrix, synthesize_noise)
-from anyorder.robustness import batches, evaluation_subset, nullspace_invariance, order_groups
-from anyorder.tensors import to_model_input
-from anyorder.train import train_model
+from anyorder.robustness.evaluate import batches, evaluation_subset, nullspace_invariance, order_groups
+from anyorder.data.inputs import to_model_input
+from anyorder.training.loop import train_model
 from anyorder.config import TrainConfig
 
 from conftest import tiny_model
@@ -113,7 +113,7 @@ def test_synthesis_on_a_trained_model_converges_within_the_default_budget(digits
 def test_synthesis_batches_mix_classes(monkeypatch):
     """The training split is stored in source order (sorted by class for an ImageFolder): every
     synthesis batch must still hold many classes."""
-    import anyorder.nullspace as nullspace
+    import anyorder.robustness.nullspace as nullspace
     labels = np.repeat(np.arange(10), 30)                       # sorted by class
     images = np.repeat(labels[:, None, None, None] * 20, 16 * 16 * 3).reshape(300, 16, 16, 3)
     seen = []
@@ -131,7 +131,7 @@ def test_synthesis_batches_mix_classes(monkeypatch):
 
 
 def test_a_synthesis_that_misses_epsilon_fails_a_fine_tune_that_requires_convergence():
-    from anyorder.nullspace import SynthesisNotConverged
+    from anyorder.robustness.nullspace import SynthesisNotConverged
     model = tiny_model()
     strict = SynthesisSettings(epsilon=1e-9, steps=2, batch_size=4, check_images=8,
                                require_convergence=True)
@@ -274,7 +274,7 @@ def test_contrast_keeps_each_channels_mean_as_cifar_10_c():
 
 
 def test_zoom_blur_weights_the_unzoomed_image_as_cifar_10_c():
-    from anyorder.corruptions import _center_zoom, _zoom_blur
+    from anyorder.robustness.corruptions import _center_zoom, _zoom_blur
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for severity, top in enumerate([1.06, 1.11, 1.16, 1.21, 1.26], start=1):
         # CIFAR-10-C: out = sum of clipped_zoom(x, z) over z in arange(1, top, 0.01) (1.00 gives

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from anyorder import runtime as runtime_module
-from anyorder.export import export_model
+from anyorder.export import runtime as runtime_module
+from anyorder.export.blocks import export_model
 from anyorder.files import sha256_file
 from anyorder.pyfunc import AnyOrderModel
-from anyorder.runtime import (BlockRuntime, ExportError, MissingBlocksError, Policy, main,
+from anyorder.export.runtime import (BlockRuntime, ExportError, MissingBlocksError, Policy, main,
                               read_manifest)
 
 from conftest import tiny_model

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from anyorder.export import export_model
-from anyorder.runtime import BlockRuntime
+from anyorder.export.blocks import export_model
+from anyorder.export.runtime import BlockRuntime
 from anyorder.serving import protocol
 from anyorder.serving.cluster import assign_blocks, launch
 from anyorder.serving.router import Router, WorkerRegistry
@@ -379,7 +379,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_serves_on(service, test_images
 
 def test_the_blocks_lay_out_as_a_triton_repository(exported, tmp_path):
     from anyorder.files import sha256_file
-    from anyorder.runtime import ExportError, read_manifest
+    from anyorder.export.runtime import ExportError, read_manifest
     from anyorder.serving.triton import main, write_triton_repository
 
     _, out = exported

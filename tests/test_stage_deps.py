@@ -112,23 +112,24 @@ def test_the_check_catches_what_the_first_dvc_yaml_missed(tmp_path):
         pytest.skip("git history not available (shallow clone)")
     (tmp_path / "dvc.yaml").write_text(old.stdout)
     problems = "\n".join(code_problems(stage_bodies(tmp_path / "dvc.yaml")))
-    for expected in ("evaluate: missing src/anyorder/checkpoint.py",
-                     "evaluate: missing src/anyorder/data.py", "prepare: missing",
+    for expected in ("evaluate: missing src/anyorder/model/checkpoint.py",
+                     "evaluate: missing src/anyorder/data/prepare.py", "prepare: missing",
                      "report: missing pipeline/_stage.py"):
         assert expected in problems, problems
 
 
-def test_closure_follows_lazy_relative_and_sibling_imports(tmp_path):
+def test_closure_follows_lazy_package_and_sibling_imports(tmp_path):
     scripts = tmp_path / "pipeline"
     scripts.mkdir()
-    (scripts / "helper.py").write_text("from anyorder import summary\n")
+    (scripts / "helper.py").write_text("from anyorder import report\n")
     (scripts / "stage.py").write_text(
-        "import helper\n\ndef main():\n    from anyorder.train import train_model\n")
+        "import helper\n\ndef main():\n    from anyorder.training.loop import train_model\n")
     found = closure(scripts / "stage.py")
-    for expected in ("src/anyorder/train.py",      # lazy, inside a function
-                     "src/anyorder/model.py",      # train -> `from .model import ...` (relative)
-                     "src/anyorder/summary.py",    # `from anyorder import summary` in a sibling
-                     "src/anyorder/__init__.py"):  # the package, run by every submodule import
+    for expected in ("src/anyorder/training/loop.py",      # lazy, inside a function
+                     "src/anyorder/training/__init__.py",  # the subpackage the module lives in
+                     "src/anyorder/model/vit.py",          # what the loop imports in turn
+                     "src/anyorder/report.py",             # `from anyorder import report`, a sibling's
+                     "src/anyorder/__init__.py"):          # run by every submodule import
         assert expected in found, expected
     assert os.path.relpath(scripts / "helper.py", ROOT) in found
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from anyorder.config import TrainConfig
-from anyorder.evaluate import evaluate_orders
-from anyorder.orders import epoch_orders
-from anyorder.train import STATE_FILE, TrainingDiverged, lr_factor, make_optimizer, train_model
+from anyorder.evaluation.accuracy import evaluate_orders
+from anyorder.evaluation.orders import epoch_orders
+from anyorder.training.loop import STATE_FILE, TrainingDiverged, lr_factor, make_optimizer, train_model
 
 from conftest import tiny_model
 
@@ -143,7 +143,7 @@ KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import tiny_model
     from anyorder.config import TrainConfig
-    from anyorder.train import train_model
+    from anyorder.training.loop import train_model
     data = np.load({data!r})
     train, val = (data["x"], data["y"]), (data["vx"], data["vy"])
     def die(epoch, record, seconds):
@@ -222,7 +222,7 @@ def test_a_damaged_state_file_is_discarded_with_a_warning(killed_run, tmp_path, 
 
 def test_state_written_by_other_code_is_not_resumed(killed_run, tmp_path, monkeypatch):
     """Killed, then train.py fixed, then rerun: the fix must not continue the old code's run."""
-    import anyorder.train as train_module
+    import anyorder.training.loop as train_module
     train, val, killed_state = killed_run
     state = tmp_path / "state"
     shutil.copytree(killed_state, state)

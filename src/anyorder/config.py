@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import InputError
+from anyorder.errors import InputError
 
 
 class ConfigError(InputError):
@@ -38,7 +38,7 @@ class UndeclaredParamError(RuntimeError):
 Variant = Literal["sequential", "ls", "ls_pos", "ls_pred"]
 VARIANTS: tuple[str, ...] = typing.get_args(Variant)
 LAYERSHUFFLE_VARIANTS = ("ls", "ls_pos", "ls_pred")
-# anyorder.corruptions.CORRUPTIONS, repeated here so that settings load without torch
+# anyorder.robustness.corruptions.CORRUPTIONS, repeated here so that settings load without torch
 # (tests/test_robustness.py checks the two agree).
 CORRUPTION_NAMES = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                     "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -431,7 +431,7 @@ class RegisterConfig(_Section):
 
 @dataclass(frozen=True)
 class SynthesisConfig(_Section):
-    """Approximate-nullspace noise synthesis (spec section 2; anyorder.nullspace.synthesize_noise).
+    """Approximate-nullspace noise synthesis (spec section 2; anyorder.robustness.nullspace.synthesize_noise).
     The optimiser is AdamW on the noise alone."""
     lim: float = 3.0              # start: Uniform(-lim, lim) on every element of the noise
     lr: float = 0.1               # AdamW's learning rate
@@ -697,7 +697,7 @@ class Settings(_Section):
 
 def check_device(name: str, key: str) -> None:
     """ConfigError unless `name` is auto, cpu, cuda or cuda:N (whether it exists is checked by
-    `anyorder.tensors.resolve_device`, which needs torch)."""
+    `anyorder.device.resolve_device`, which needs torch)."""
     _require(_DEVICE.fullmatch(name) is not None, key, "must be auto, cpu, cuda or cuda:N", name)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime import BlockRuntime, find_export, parse_indices
+from anyorder.export.runtime import BlockRuntime, find_export, parse_indices
 
 # name -> (MLflow param type, default); `register` turns these into the model's ParamSchema.
 PARAMS = {"order": ("string", "sequential"), "seed": ("long", 0), "policy": ("string", "skip"),

@@ -17,7 +17,7 @@ import tempfile
 import threading
 from typing import Optional, Sequence
 
-from ..runtime import ExportError, read_manifest, resolve_source
+from anyorder.export.runtime import ExportError, read_manifest, resolve_source
 
 CHAOS_FLAGS = ("fail_rate", "delay_ms", "crash_after", "garbage_rate")
 
@@ -129,9 +129,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """`anyorder-cluster MODEL [--workers N] [--replicas R] [--port] [--restart] [chaos]`"""
     import argparse
 
-    from .asgi import DEFAULT_HOST, bind, run, url_of
-    from .router import Router
-    from .service import ClusterBackend, Limits, create_app
+    from anyorder.serving.asgi import DEFAULT_HOST, bind, run, url_of
+    from anyorder.serving.router import Router
+    from anyorder.serving.service import ClusterBackend, Limits, create_app
 
     parser = argparse.ArgumentParser(prog="anyorder-cluster", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="export directory or models:/ URI")

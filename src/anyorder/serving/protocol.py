@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from ..errors import InputError
+from anyorder.errors import InputError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # v2 datatype -> numpy dtype (little-endian, as the protocol's binary format is). BYTES and BF16

@@ -37,9 +37,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..runtime import BlockRuntime, ExportError, MissingBlocksError, Policy, read_manifest
-from . import protocol
-from .worker import block_index, block_name
+from anyorder.export.runtime import BlockRuntime, ExportError, MissingBlocksError, Policy, read_manifest
+from anyorder.serving import protocol
+from anyorder.serving.worker import block_index, block_name
 
 DYNAMIC_ORDERS = ("any", "fastest")
 SELECTIONS = ("random", "fastest")

@@ -32,11 +32,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InputError
-from ..runtime import BlockRuntime, ExportError, MissingBlocksError, Policy, parse_indices
-from . import protocol
-from .asgi import DEFAULT_HOST, BodyLimit, PayloadTooLarge
-from .router import DYNAMIC_ORDERS, DeadlineExceeded, Router
+from anyorder.errors import InputError
+from anyorder.export.runtime import BlockRuntime, ExportError, MissingBlocksError, Policy, parse_indices
+from anyorder.serving import protocol
+from anyorder.serving.asgi import DEFAULT_HOST, BodyLimit, PayloadTooLarge
+from anyorder.serving.router import DYNAMIC_ORDERS, DeadlineExceeded, Router
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_PIXELS = 4096 * 4096
@@ -525,8 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
     import sys
 
-    from ..runtime import resolve_source
-    from .asgi import bind, run
+    from anyorder.export.runtime import resolve_source
+    from anyorder.serving.asgi import bind, run
 
     parser = argparse.ArgumentParser(prog="anyorder-serve",
                                      description="Serve a model over HTTP (see anyorder.serving"

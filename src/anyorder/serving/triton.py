@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from ..files import sha256_file
-from ..runtime import ExportError, parse_indices, read_manifest, resolve_source
-from .worker import block_name
+from anyorder.files import sha256_file
+from anyorder.export.runtime import ExportError, parse_indices, read_manifest, resolve_source
+from anyorder.serving.worker import block_name
 
 
 def block_config(name: str, tokens: Sequence[int], slotted: bool) -> str:

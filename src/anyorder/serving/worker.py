@@ -33,9 +33,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..runtime import BlockRuntime, ExportError, parse_indices, read_manifest, resolve_source
-from . import protocol
-from .asgi import DEFAULT_HOST, BodyLimit, PayloadTooLarge
+from anyorder.export.runtime import BlockRuntime, ExportError, parse_indices, read_manifest, resolve_source
+from anyorder.serving import protocol
+from anyorder.serving.asgi import DEFAULT_HOST, BodyLimit, PayloadTooLarge
 
 MAX_BATCH = 1024
 # Up to this batch a block runs on the event loop itself (a tenth of a millisecond for the default
@@ -332,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
     import sys
 
-    from .asgi import bind, run, url_of
+    from anyorder.serving.asgi import bind, run, url_of
 
     parser = argparse.ArgumentParser(prog="anyorder-worker",
                                      description="Host blocks of an export over KServe v2.")

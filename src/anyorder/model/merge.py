@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import InputError
-from .evaluate import accuracy_for_orders
-from .files import atomic_write_bytes
-from .model import SHUFFLED_TRAINING, AnyOrderViT, ModelSpec, build_model
-from .orders import generator_for, random_orders
+from anyorder.errors import InputError
+from anyorder.evaluation.accuracy import accuracy_for_orders
+from anyorder.files import atomic_write_bytes
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT, ModelSpec, build_model
+from anyorder.evaluation.orders import generator_for, random_orders
 
 # What sources must agree on to exchange blocks (drop_path_rate is a training setting).
 COMPATIBLE_FIELDS = ("arch", "variant", "img_size", "patch_size", "embed_dim", "depth",

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import tensors_digest
-from .files import atomic_directory, atomic_write_json, sha256_file
-from .model import AnyOrderViT
-from .orders import random_orders
-from .runtime import FORMAT, MANIFEST, BlockRuntime
+from anyorder.model.checkpoint import tensors_digest
+from anyorder.files import atomic_directory, atomic_write_json, sha256_file
+from anyorder.model.vit import AnyOrderViT
+from anyorder.evaluation.orders import random_orders
+from anyorder.export.runtime import FORMAT, MANIFEST, BlockRuntime
 
 STEM, HEAD = "stem.onnx", "head.onnx"
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VARIANTS, ConfigError, FinetuneRun, ModelConfig
+from anyorder.config import VARIANTS, ConfigError, FinetuneRun, ModelConfig
 
 # Which variants are trained with shuffled orders. A registry, not an if-chain.
 SHUFFLED_TRAINING = {"sequential": False, "ls": True, "ls_pos": True, "ls_pred": True}
@@ -304,7 +304,7 @@ class AnyOrderViT(nn.Module):
         """The state-dict prefixes of everything that belongs to one block and moves with it
         when blocks are merged: the timm block, and its LS-pos adapter or LS-pred head. The rest
         (stem, final norm, head) belongs to the model; the slot table an LS-pos block was trained
-        with is a row of one tensor, which `anyorder.merge` moves with the block."""
+        with is a row of one tensor, which `anyorder.model.merge` moves with the block."""
         prefixes = [f"vit.blocks.{block_index}."]
         if self.variant == "ls_pos":
             prefixes.append(f"slot_adapters.{block_index}.")

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .model import AnyOrderViT
-from .nullspace import frozen
+from anyorder.model.vit import AnyOrderViT
+from anyorder.robustness.nullspace import frozen
 
 ATTACKS = ("fgsm", "pgd")
 

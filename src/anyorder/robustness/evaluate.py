@@ -4,7 +4,7 @@ Every figure is measured in sequential order and, for LayerShuffle models, also 
 block orders ("random_orders": each test image is assigned one of `num_orders` random orders, the
 same assignment for every corruption and attack, and the attack sees the order its image is
 evaluated in). Corrupted test sets come from
-`anyorder.corruptions` (the pipeline generates them once, in the `corrupt` stage).
+`anyorder.robustness.corruptions` (the pipeline generates them once, in the `corrupt` stage).
 """
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .attacks import PixelModel, attack
-from .config import RobustnessConfig
-from .corruptions import FAMILY_OF
-from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .nullspace import (SynthesisSettings, exact_noise_like, exact_nullspace, invariance,
+from anyorder.robustness.attacks import PixelModel, attack
+from anyorder.config import RobustnessConfig
+from anyorder.robustness.corruptions import FAMILY_OF
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.robustness.nullspace import (SynthesisSettings, exact_noise_like, exact_nullspace, invariance,
                         synthesize_noise)
-from .orders import STREAM_VALIDATION, generator_for, random_orders
-from .tensors import to_model_input
+from anyorder.evaluation.orders import STREAM_VALIDATION, generator_for, random_orders
+from anyorder.data.inputs import to_model_input
 
 
 def eps_label(eps: float) -> str:
@@ -201,7 +201,7 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
     """Everything above for one model on the test split (`corrupted[name]`: (severities, N, H, W,
     3) uint8 in the order of cfg.corruptions.severities). "outcomes" holds, per mode, each
     corrupted and attacked image's right/wrong ((N,) bool arrays, over the images corrupted and
-    attacked): what the report's intervals resample (anyorder.intervals)."""
+    attacked): what the report's intervals resample (anyorder.evaluation.intervals)."""
     device = torch.device(device)
     modes = order_groups(model, len(labels), cfg.num_orders, cfg.order_seed)
     clean = {mode: accuracy(model, images, labels, groups, cfg.batch_size, device)

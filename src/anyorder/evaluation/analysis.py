@@ -14,9 +14,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .evaluate import accuracy_for_orders, stem_tokens
-from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .orders import generator_for, random_orders
+from anyorder.evaluation.accuracy import accuracy_for_orders, stem_tokens
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.evaluation.orders import generator_for, random_orders
 
 
 @torch.no_grad()

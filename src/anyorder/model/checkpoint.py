@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .errors import InputError
-from .files import atomic_save_tensors, atomic_write_json
-from .model import AnyOrderViT, ModelSpec, build_model
+from anyorder.errors import InputError
+from anyorder.files import atomic_save_tensors, atomic_write_json
+from anyorder.model.vit import AnyOrderViT, ModelSpec, build_model
 
 WEIGHTS = "model.safetensors"
 SPEC = "model.json"

@@ -2,7 +2,7 @@
 export measured up. Plain Python: the numbers come from the export's manifest and check."""
 from __future__ import annotations
 
-from .config import Gates
+from anyorder.config import Gates
 
 
 def check_gates(gates: Gates, manifest: dict, export_check: dict) -> dict:

@@ -15,9 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .evaluate import accuracy_for_orders, summarize
-from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .orders import STREAM_PRUNING, generator_for
+from anyorder.evaluation.accuracy import accuracy_for_orders, summarize
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.evaluation.orders import STREAM_PRUNING, generator_for
 
 
 def pruning_plan(depth: int, subsets: int, seed: int, shuffled: bool) -> dict[int, list[list[int]]]:

@@ -26,18 +26,19 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import distributed
-from .checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensors, save_model,
+from anyorder.training import distributed
+from anyorder.model.checkpoint import (optimizer_state_from_tensors, optimizer_state_to_tensors, save_model,
                          tensors_digest)
-from .config import TrainConfig
-from .data import load_split
-from .errors import RunFailed
-from .evaluate import accuracy_for_orders
-from .files import atomic_save_tensors, atomic_write_json
-from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, STREAM_NOISE, epoch_orders,
+from anyorder.config import TrainConfig
+from anyorder.data.prepare import load_split
+from anyorder.errors import RunFailed
+from anyorder.evaluation.accuracy import accuracy_for_orders
+from anyorder.files import atomic_save_tensors, atomic_write_json
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.evaluation.orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, STREAM_NOISE, epoch_orders,
                      generator_for, random_orders)
-from .tensors import random_shift, resolve_device, to_model_input
+from anyorder.data.inputs import random_shift, to_model_input
+from anyorder.device import resolve_device
 
 STATE_FILE = "state.safetensors"
 
@@ -142,11 +143,11 @@ def train_model(model: AnyOrderViT, train_data: tuple[np.ndarray, np.ndarray],
     Sequential variants train in order 0..L-1; LayerShuffle variants in a random order per batch
     (or per sample: `order_sampling="sample"`); LS-pred adds `position_loss_weight` x the slot
     cross-entropy. `layerdrop` (one skip probability per execution slot,
-    `anyorder.orders.layerdrop_rates`) skips blocks for a whole batch, keeping the order of the
+    `anyorder.evaluation.orders.layerdrop_rates`) skips blocks for a whole batch, keeping the order of the
     rest (LayerDrop). `on_epoch_end(epoch, record, seconds)` runs after the epoch's state is saved
     (logging, tests that kill the process). Raises TrainingDiverged on a NaN/inf loss.
 
-    `epoch_noise(model, generator)` (nullspace fine-tuning, `anyorder.nullspace.epoch_noise`):
+    `epoch_noise(model, generator)` (nullspace fine-tuning, `anyorder.robustness.nullspace.epoch_noise`):
     called at the start of every epoch with the current weights; it returns patch-token noise and
     a record for the history, and the loss becomes CE(clean) + CE(noise added to the patch
     tokens), every image, in the same block order.
@@ -350,11 +351,11 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
         recipe["order_scope"] = cfg.order_scope
         if cfg.order_scope == "rank":
             # Listed: rank 0's orders; rank r's are epoch_orders(..., rank=r) of the same
-            # settings (anyorder.orders), one shard of each global batch each.
-            recipe["rank_orders"] = "anyorder.orders.epoch_orders(..., rank=r)"
+            # settings (anyorder.evaluation.orders), one shard of each global batch each.
+            recipe["rank_orders"] = "anyorder.evaluation.orders.epoch_orders(..., rank=r)"
     if order_sampling == "sample" and SHUFFLED_TRAINING[model.variant]:
         # One order per sample per step is too much to list; regenerate it exactly with
-        # anyorder.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).
+        # anyorder.evaluation.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).
         recipe["orders"] = None
     else:
         recipe["orders"] = result.orders

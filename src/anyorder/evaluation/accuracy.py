@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .model import AnyOrderViT
-from .orders import random_orders
-from .tensors import to_model_input
+from anyorder.model.vit import AnyOrderViT
+from anyorder.evaluation.orders import random_orders
+from anyorder.data.inputs import to_model_input
 
 
 @torch.no_grad()
@@ -85,7 +85,7 @@ def evaluate_orders(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, 
 
     Returns {"sequential": acc, "arbitrary": {mean,std,min,max,count}, "orders": [...],
     "order_accuracies": [...], "order_seed": seed, "outcomes": {"sequential": (N,) bool,
-    "random_orders": (num_orders, N) bool}} (outcomes: per image, for anyorder.intervals).
+    "random_orders": (num_orders, N) bool}} (outcomes: per image, for anyorder.evaluation.intervals).
     """
     orders = random_orders(model.depth, num_orders, seed)
     hits = correct_for_orders(model, images, labels, [None] + orders, batch_size, device)
@@ -102,7 +102,7 @@ def evaluate_orders(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, 
         "chance": 1.0 / max(1, len(model.spec.class_names) or int(labels.max()) + 1),
         "depth": model.depth,
         # over the orders only (the spread of one order's accuracy); differences between models
-        # get intervals over test images too (anyorder.intervals, the report)
+        # get intervals over test images too (anyorder.evaluation.intervals, the report)
         "arbitrary_orders_ci95_halfwidth": 1.96 * arbitrary["std"] / math.sqrt(len(per_order)),
         "outcomes": {"sequential": hits[0], "random_orders": list(hits[1:])},
     }

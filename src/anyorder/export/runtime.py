@@ -6,7 +6,7 @@ blocks, then its head, with ONNX Runtime.
     result.logits, result.executed_order, result.skipped
 
 An export directory holds `manifest.json`, `stem.onnx`, one `block_XX.onnx` per block and
-`head.onnx` (see `anyorder.export`). Loading checks every file against the manifest's sha256
+`head.onnx` (see `anyorder.export.blocks`). Loading checks every file against the manifest's sha256
 before any session exists: a changed file is refused, never run. The stem and head must load; a
 block that is absent, fails to load or is excluded by the caller is *missing*, and a `Policy`
 says what a run does about it: `skip` (run what is there), `fail`, or `min_blocks:k` (fail when
@@ -29,9 +29,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .compute import session_threads
-from .errors import InputError
-from .files import sha256_file
+from anyorder.threads import session_threads
+from anyorder.errors import InputError
+from anyorder.files import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -488,7 +488,7 @@ def _collect_images(paths: Sequence[str], class_names: list[str]
                     ) -> tuple[list[Path], Optional[list[int]]]:
     """Image files from files, folders of images, or one ImageFolder tree (sub-folders named
     after the model's classes: then their labels too, for an accuracy)."""
-    from .data import IMAGE_EXTENSIONS
+    from anyorder.data.prepare import IMAGE_EXTENSIONS
 
     def images_in(folder: Path) -> list[Path]:
         return sorted(f for f in folder.iterdir()
@@ -555,7 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = runtime.manifest["class_names"]
         requested, executed, skipped = runtime.plan(args.order, args.seed, policy)
         files, labels = _collect_images(args.images, names)
-        from .data import DataError, read_image
+        from anyorder.data.prepare import DataError, read_image
 
         size = int(runtime.manifest["image_size"])
         predictions = []

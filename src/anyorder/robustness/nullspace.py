@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import RunFailed
-from .model import SHUFFLED_TRAINING, AnyOrderViT
-from .tensors import to_model_input
+from anyorder.errors import RunFailed
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.data.inputs import to_model_input
 
 NOISE_KINDS = ("nullspace", "random", "none")
 

@@ -1,13 +1,13 @@
 """The pipeline's summary tables of evaluated runs (numpy and plain Python: no torch needed to
 read results). Differences between models come with 95% intervals over test images (and orders)
-from the per-image outcomes (anyorder.intervals) where the caller passes them."""
+from the per-image outcomes (anyorder.evaluation.intervals) where the caller passes them."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 
-from .intervals import corruption_errors, difference, mce, mce_interval
+from anyorder.evaluation.intervals import corruption_errors, difference, mce, mce_interval
 
 
 def summary_table(runs: dict[str, dict], baseline: str,
@@ -47,7 +47,7 @@ def summary_table(runs: dict[str, dict], baseline: str,
 def _mce(own: dict, base: dict, mode: str, num_images: int) -> float:
     """Mean over corruptions of (errors summed over severities) / the baseline's, sequential;
     a corruption on which the baseline made no error counts it as one image wrong
-    (anyorder.intervals.mce: none is dropped)."""
+    (anyorder.evaluation.intervals.mce: none is dropped)."""
     ratios = [own[name][mode] / max(base[name]["sequential"], 1.0 / num_images) for name in own]
     return sum(ratios) / len(ratios)
 
@@ -148,7 +148,7 @@ def synthesis_markdown(models: dict[str, dict]) -> str:
 
 
 def interval_text(value: Optional[dict], points: bool = True) -> str:
-    """An interval from anyorder.intervals as text: "+1.23 [-0.40, +2.86]" (differences, in
+    """An interval from anyorder.evaluation.intervals as text: "+1.23 [-0.40, +2.86]" (differences, in
     points) or "0.952 [0.881, 1.020]" (a ratio such as mCE)."""
     if not value:
         return ""

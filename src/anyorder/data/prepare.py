@@ -26,8 +26,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
-from .files import atomic_directory, atomic_write_json, npz_bytes
+from anyorder.errors import InputError
+from anyorder.files import atomic_directory, atomic_write_json, npz_bytes
 
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("official", "pooled")  # keep a source's own splits, or pool and re-split
