@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from anyorder.robustness.attacks import PixelModel, fgsm, pgd  # noqa: E402
-from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
+from anyorder.model.spec import ModelSpec  # noqa: E402
+from anyorder.model.vit import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from anyorder.robustness.attacks import PixelModel, attack  # noqa: E402
 from anyorder.model.checkpoint import load_model  # noqa: E402
-from anyorder.data.prepare import load_split  # noqa: E402
+from anyorder.data.prepared import load_split  # noqa: E402
 
 
 def main() -> None:

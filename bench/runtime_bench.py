@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from anyorder.export.blocks import _exportable, export_model  # noqa: E402
-from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
+from anyorder.model.spec import ModelSpec  # noqa: E402
+from anyorder.model.vit import build_model  # noqa: E402
 from anyorder.export.runtime import PROVIDERS, BlockRuntime, session_options  # noqa: E402
 
 MODELS = {
@@ -74,6 +75,34 @@ def time_calls(fn, calls: int) -> float:
         fn()
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
+
+
+def timed_rounds(variants: dict, repeats: int, calls: int) -> dict[str, list[float]]:
+    """Per variant, `repeats` timings of `calls` calls each, after a warm-up."""
+    with torch.no_grad():
+        for fn in variants.values():  # warm-up: first calls allocate and compose
+            time_calls(fn, 3)
+        rounds: dict[str, list[float]] = {label: [] for label in variants}
+        labels = list(variants)
+        for round_index in range(repeats):
+            # Interleaved, and in a rotated order each round: drift and position effects
+            # (caches warmed by the variant before) hit every variant alike.
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                rounds[label].append(time_calls(variants[label], calls))
+    return rounds
+
+
+def round_summary(rounds: dict[str, list[float]]) -> dict:
+    """Per variant: median, min and max milliseconds and the median ratio to the whole graph
+    over the rounds."""
+    whole_rounds = rounds["whole_graph"]
+    return {
+        label: {"median_ms": 1e3 * statistics.median(values),
+                "min_ms": 1e3 * min(values), "max_ms": 1e3 * max(values),
+                "ratio_to_whole_graph": statistics.median(
+                    [v / w for v, w in zip(values, whole_rounds)])}
+        for label, values in rounds.items()}
 
 
 def bench_model(name: str, batches: list[int], repeats: int, calls: int, threads: int,
@@ -114,24 +143,7 @@ def bench_model(name: str, batches: list[int], repeats: int, calls: int, threads
             error = float(np.abs(variants[label]().logits - reference).max())
             assert error < 1e-3, (label, error)
         n = max(1, calls // max(1, batch // 8)) if name == "vit_s" else calls
-        with torch.no_grad():
-            for fn in variants.values():  # warm-up: first calls allocate and compose
-                time_calls(fn, 3)
-            rounds: dict[str, list[float]] = {label: [] for label in variants}
-            labels = list(variants)
-            for round_index in range(repeats):
-                # Interleaved, and in a rotated order each round: drift and position effects
-                # (caches warmed by the variant before) hit every variant alike.
-                shift = round_index % len(labels)
-                for label in labels[shift:] + labels[:shift]:
-                    rounds[label].append(time_calls(variants[label], n))
-        whole_rounds = rounds["whole_graph"]
-        results[f"batch_{batch}"] = {
-            label: {"median_ms": 1e3 * statistics.median(values),
-                    "min_ms": 1e3 * min(values), "max_ms": 1e3 * max(values),
-                    "ratio_to_whole_graph": statistics.median(
-                        [v / w for v, w in zip(values, whole_rounds)])}
-            for label, values in rounds.items()}
+        results[f"batch_{batch}"] = round_summary(timed_rounds(variants, repeats, n))
         results[f"batch_{batch}"]["calls_per_round"] = n
         print(f"{name} batch {batch}: " + ", ".join(
             f"{label} {r['median_ms']:.3f} ms ({r['ratio_to_whole_graph']:.2f}x)"

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from anyorder.config import load_settings  # noqa: E402
-from anyorder.model.vit import build_model, model_spec  # noqa: E402
+from anyorder.model.spec import model_spec  # noqa: E402
+from anyorder.model.vit import build_model  # noqa: E402
 from anyorder.training.loop import FUSED_ADAMW_DEVICES  # noqa: E402
 
 ARCHS = {  # name -> (model settings, image size); "default" is params.yaml's model
@@ -161,7 +162,10 @@ def profile_steps(step, count: int = 10) -> dict:
                         for key, sec in top]}
 
 
-def main() -> None:
+VARIANTS = ["timm_plain", "sequential", "layershuffle"]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
@@ -185,12 +189,12 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="also profile 10 LayerShuffle steps "
                                                       "(torch.profiler, CPU) into this JSON")
     parser.add_argument("--out", default=str(ROOT / "bench/results/train_cpu.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=args.dtype == "bf16")
+    return parser.parse_args()
+
+
+def build_steps(args: argparse.Namespace, device: torch.device, autocast) -> tuple:
+    """The model, its training steps per variant (one AdamW, one synthetic batch) and their
+    FLOPs; returns (model, image size, fused attention?, fused AdamW?, steps, FLOPs)."""
     model, size = make_model(args.arch, device)
     model.train()
     fused_attention = args.attention == "fused" or (args.attention == "pipeline"
@@ -199,23 +203,29 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, size, size, device=device)
     labels = torch.randint(0, 10, (args.batch,), device=device)
-    variants = ["timm_plain", "sequential", "layershuffle"]
     fused_adamw = args.optimizer == "fused" or (args.optimizer == "pipeline"
                                                 and device.type in FUSED_ADAMW_DEVICES)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw or None)
     steps = {v: step_fn(model, v, images, labels, optimizer, autocast, generator)
-             for v in variants}
-    flops = {v: step_flops(steps[v]) for v in variants}  # eager: compiled kernels are not counted
+             for v in VARIANTS}
+    flops = {v: step_flops(steps[v]) for v in VARIANTS}  # eager: compiled kernels are not counted
     if args.compile:  # the blocks only: orders stay free; compiled in the first warm-up steps
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         for block in model.vit.blocks:
             block.compile()
-    rates: dict = {v: [] for v in variants}
-    ratios: dict = {v: [] for v in variants}
+    return model, size, fused_attention, fused_adamw, steps, flops
+
+
+def timed_rounds(args: argparse.Namespace, steps: dict, dtype: torch.dtype,
+                 device: torch.device) -> tuple[dict, dict, list]:
+    """`args.rounds` rounds of every variant (order rotating), a matmul peak before each;
+    returns images/s and ratios to timm_plain per variant, and the peaks."""
+    rates: dict = {v: [] for v in VARIANTS}
+    ratios: dict = {v: [] for v in VARIANTS}
     peaks = []
     for round_index in range(args.rounds):
         peaks.append(matmul_peak(args.peak_size, dtype, device))
-        order = variants[round_index % 3:] + variants[:round_index % 3]
+        order = VARIANTS[round_index % 3:] + VARIANTS[:round_index % 3]
         this_round = {}
         for variant in order:
             for _ in range(3):
@@ -226,17 +236,21 @@ def main() -> None:
                 steps[variant]()
             sync(device)
             this_round[variant] = args.batch * args.steps / (time.perf_counter() - started)
-        for variant in variants:
+        for variant in VARIANTS:
             rates[variant].append(this_round[variant])
             ratios[variant].append(this_round[variant] / this_round["timm_plain"])
         print(f"round {round_index + 1}: " + ", ".join(
-            f"{v} {this_round[v]:.0f} img/s" for v in variants) +
+            f"{v} {this_round[v]:.0f} img/s" for v in VARIANTS) +
             f", peak {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
-    peak = statistics.median(peaks)
+    return rates, ratios, peaks
+
+
+def variant_results(rates: dict, ratios: dict, flops: dict, peak: float, batch: int) -> dict:
+    """Per variant: images/s and ratio to timm_plain (median, min, max), and FLOP/s achieved."""
     results = {}
-    for variant in variants:
+    for variant in VARIANTS:
         rate = statistics.median(rates[variant])
-        achieved = flops[variant] / args.batch * rate
+        achieved = flops[variant] / batch * rate
         results[variant] = {
             "images_per_s": {"median": round(rate, 1), "min": round(min(rates[variant]), 1),
                              "max": round(max(rates[variant]), 1)},
@@ -247,6 +261,39 @@ def main() -> None:
             "achieved_gflops_per_s": round(achieved / 1e9, 2),
             "fraction_of_peak": round(achieved / peak, 3),
         }
+    return results
+
+
+def write_profile(args: argparse.Namespace, step, report: dict, model, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Profile LayerShuffle steps and time the model's own matmuls into `args.profile`."""
+    profiled = profile_steps(step)
+    profiled.update(command=report["command"], date=report["date"], batch=args.batch,
+                    matmul_peak_gflops_per_s=report["matmul_peak_gflops_per_s"]["median"])
+    # The model's own matmuls: (batch x tokens, width) @ (width, 3 width) for qkv, and the
+    # MLP's; timed like the peak, in the same dtype.
+    tokens = model.vit.patch_embed.num_patches + 1
+    width = model.vit.embed_dim
+    hidden = model.vit.blocks[0].mlp.fc1.out_features
+    profiled["model_matmuls_gflops_per_s"] = {
+        f"{args.batch * tokens}x{width}@{width}x{out}": round(
+            matmul_rate(args.batch * tokens, width, out, dtype, device) / 1e9, 2)
+        for out in (3 * width, hidden)}
+    print(json.dumps(profiled["by_kind"], indent=1))
+    write(args.profile, profiled)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=args.dtype == "bf16")
+    model, size, fused_attention, fused_adamw, steps, flops = build_steps(args, device, autocast)
+    rates, ratios, peaks = timed_rounds(args, steps, dtype, device)
+    peak = statistics.median(peaks)
+    results = variant_results(rates, ratios, flops, peak, args.batch)
     report = {
         **header(torch=torch.__version__, threads=args.threads,
                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
@@ -264,20 +311,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     write(args.out, report)
     if args.profile:
-        profiled = profile_steps(steps["layershuffle"])
-        profiled.update(command=report["command"], date=report["date"], batch=args.batch,
-                        matmul_peak_gflops_per_s=report["matmul_peak_gflops_per_s"]["median"])
-        # The model's own matmuls: (batch x tokens, width) @ (width, 3 width) for qkv, and the
-        # MLP's; timed like the peak, in the same dtype.
-        tokens = model.vit.patch_embed.num_patches + 1
-        width = model.vit.embed_dim
-        hidden = model.vit.blocks[0].mlp.fc1.out_features
-        profiled["model_matmuls_gflops_per_s"] = {
-            f"{args.batch * tokens}x{width}@{width}x{out}": round(
-                matmul_rate(args.batch * tokens, width, out, dtype, device) / 1e9, 2)
-            for out in (3 * width, hidden)}
-        print(json.dumps(profiled["by_kind"], indent=1))
-        write(args.profile, profiled)
+        write_profile(args, steps["layershuffle"], report, model, dtype, device)
 
 
 if __name__ == "__main__":

@@ -3,23 +3,15 @@ to metrics/robustness/<name>.json. Kept out of _stage.py so that stages that eva
 robustness do not depend on that code."""
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Optional
 
 import numpy as np
 
 from _stage import CORRUPTED, METRICS, PREPARED, fail, read_json
 
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_json
-from anyorder.robustness.nullspace import SynthesisSettings
 from anyorder.robustness.evaluate import accuracy, evaluate_robustness, order_groups
-
-
-def synthesis_settings(settings) -> SynthesisSettings:
-    """nullspace.synthesis as the library's settings."""
-    s = settings.nullspace.synthesis
-    return SynthesisSettings(**{f.name: getattr(s, f.name) for f in fields(SynthesisSettings)})
 
 
 def synthesis_per_epoch(history: list[dict]) -> list[dict]:
@@ -64,7 +56,7 @@ def evaluate_and_write(settings, model, name: str, device, mlflow, start=None,
     corrupted = load_corrupted(settings)
     cfg = settings.robustness
     result = evaluate_robustness(model, images, labels, corrupted, train_images, cfg,
-                                 synthesis_settings(settings), device)
+                                 settings.nullspace.synthesis, device)
     outcomes = result.pop("outcomes")
     metrics = {"model": name, **(extra or {}), **result}
     if start is not None:

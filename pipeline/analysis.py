@@ -16,7 +16,7 @@ from _stage import METRICS, PLOTS, PREPARED, begin, declared, fail, track, user_
 from anyorder.evaluation.analysis import (block_outputs_by_slot, project, slot_confusion, slot_contribution,
                                slot_separation)
 from anyorder.model.checkpoint import load_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from anyorder.device import resolve_device
 
@@ -64,9 +64,9 @@ def draw_confusion(name: str, confusion: dict) -> bytes:
     return png(fig)
 
 
-def main() -> None:
-    stage = begin(__doc__, "analysis")
-    cfg = stage.settings.analysis
+def load_inputs(stage, cfg):
+    """Checks the settings (exit 2 on bad input) and loads the models and the test split;
+    returns (device, models by directory name, images, labels)."""
     with user_errors():
         device = resolve_device(cfg.device, "analysis.device")
         if not cfg.models:
@@ -86,41 +86,63 @@ def main() -> None:
                 fail("analysis.projection: umap needs umap-learn (pip install umap-learn), or "
                      "set it to pca")
         images, labels = load_split(PREPARED, "test")
+    return device, models, images, labels
+
+
+def analyse(models: dict, images, labels, subset, cfg, device):
+    """Per model: slot contribution, the projection of block cfg.block's output at every slot
+    and, for LS-pred models, the slot confusion; returns (results, projections, CSV rows,
+    confusions)."""
+    results, projections, rows, confusions = {}, {}, [], {}
+    for name, model in models.items():
+        contribution = slot_contribution(model, images, labels, cfg.num_orders, cfg.seed,
+                                         cfg.batch_size, device)
+        features, slots = block_outputs_by_slot(model, images[np.sort(subset)], cfg.block,
+                                                cfg.seed, cfg.batch_size, device)
+        points = project(features, cfg.projection, cfg.seed)
+        separation = slot_separation(points, slots)
+        projections[name] = (points, slots, separation)
+        results[name] = {"variant": model.variant, "slot_contribution": contribution,
+                         "projection": {"block": cfg.block, "method": cfg.projection,
+                                        "num_images": int(len(subset)),
+                                        "slot_separation": separation}}
+        if model.variant == "ls_pred":
+            confusions[name] = slot_confusion(model, images, cfg.num_orders, cfg.seed,
+                                              cfg.batch_size, device)
+            results[name]["slot_confusion"] = confusions[name]
+        rows += [{"model": name, "slot": s, "accuracy_drop": d}
+                 for s, d in enumerate(contribution["drop_per_slot"])]
+    return results, projections, rows, confusions
+
+
+def write_outputs(mlflow, results: dict, projections: dict, rows: list[dict], confusions: dict,
+                  cfg) -> None:
+    """metrics/analysis.json and plots/analysis/ (the CSV and the PNGs), mirrored to MLflow."""
+    atomic_write_json(METRICS / "analysis.json", {"models": results})
+    for old in OUT.glob("*.png") if OUT.is_dir() else []:  # no figure of a model now gone
+        old.unlink()
+    atomic_write_csv(OUT / "slot_contribution.csv", rows)
+    figures = {"slot_contribution": draw_contribution(results),
+               "projection": draw_projections(projections, cfg.block, cfg.projection)}
+    for name, confusion in confusions.items():
+        figures[f"slot_confusion-{name}"] = draw_confusion(name, confusion)
+    for figure, data in figures.items():
+        atomic_write_bytes(OUT / f"{figure}.png", data)
+        mlflow.log_artifact(str(OUT / f"{figure}.png"))
+    mlflow.log_artifact(str(METRICS / "analysis.json"))
+    for name, r in results.items():
+        mlflow.log_metric(f"{name}.slot_separation", r["projection"]["slot_separation"])
+
+
+def main() -> None:
+    stage = begin(__doc__, "analysis")
+    cfg = stage.settings.analysis
+    device, models, images, labels = load_inputs(stage, cfg)
     subset = np.random.default_rng(cfg.seed).permutation(len(labels))[:cfg.num_images]
     with track(stage) as mlflow:
-        results, projections, rows, confusions = {}, {}, [], {}
-        for name, model in models.items():
-            contribution = slot_contribution(model, images, labels, cfg.num_orders, cfg.seed,
-                                             cfg.batch_size, device)
-            features, slots = block_outputs_by_slot(model, images[np.sort(subset)], cfg.block,
-                                                    cfg.seed, cfg.batch_size, device)
-            points = project(features, cfg.projection, cfg.seed)
-            separation = slot_separation(points, slots)
-            projections[name] = (points, slots, separation)
-            results[name] = {"variant": model.variant, "slot_contribution": contribution,
-                             "projection": {"block": cfg.block, "method": cfg.projection,
-                                            "num_images": int(len(subset)),
-                                            "slot_separation": separation}}
-            if model.variant == "ls_pred":
-                confusions[name] = slot_confusion(model, images, cfg.num_orders, cfg.seed,
-                                                  cfg.batch_size, device)
-                results[name]["slot_confusion"] = confusions[name]
-            rows += [{"model": name, "slot": s, "accuracy_drop": d}
-                     for s, d in enumerate(contribution["drop_per_slot"])]
-        atomic_write_json(METRICS / "analysis.json", {"models": results})
-        for old in OUT.glob("*.png") if OUT.is_dir() else []:  # no figure of a model now gone
-            old.unlink()
-        atomic_write_csv(OUT / "slot_contribution.csv", rows)
-        figures = {"slot_contribution": draw_contribution(results),
-                   "projection": draw_projections(projections, cfg.block, cfg.projection)}
-        for name, confusion in confusions.items():
-            figures[f"slot_confusion-{name}"] = draw_confusion(name, confusion)
-        for figure, data in figures.items():
-            atomic_write_bytes(OUT / f"{figure}.png", data)
-            mlflow.log_artifact(str(OUT / f"{figure}.png"))
-        mlflow.log_artifact(str(METRICS / "analysis.json"))
-        for name, r in results.items():
-            mlflow.log_metric(f"{name}.slot_separation", r["projection"]["slot_separation"])
+        results, projections, rows, confusions = analyse(models, images, labels, subset, cfg,
+                                                         device)
+        write_outputs(mlflow, results, projections, rows, confusions, cfg)
     for name, r in results.items():
         drops = ", ".join(f"{100 * d:.1f}" for d in r["slot_contribution"]["drop_per_slot"])
         print(f"analysis: {name}: points lost per skipped slot [{drops}]; slot separation of "

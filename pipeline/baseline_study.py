@@ -25,10 +25,11 @@ import torch
 from _stage import PREPARED
 
 from anyorder.config import load_settings
-from anyorder.data.prepare import load_meta, load_split
+from anyorder.data.prepared import load_meta, load_split
 from anyorder.evaluation.accuracy import accuracy_for_orders
 from anyorder.files import atomic_write_bytes, atomic_write_json
-from anyorder.model.vit import build_model, model_spec, variant_spec
+from anyorder.model.spec import model_spec, variant_spec
+from anyorder.model.vit import build_model
 from anyorder.evaluation.orders import random_orders
 from anyorder.training.loop import train_model
 

@@ -9,7 +9,7 @@ import numpy as np
 from _stage import CORRUPTED, PREPARED, begin, track, user_errors
 
 from anyorder.robustness.corruptions import corrupt
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_directory, atomic_write_bytes, atomic_write_json, npz_bytes
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from anyorder.config import ConfigError, load_settings
+from anyorder.config import load_settings
+from anyorder.settings import ConfigError
 
 PARAMS_FILE = "params.yaml"
 

@@ -14,7 +14,7 @@ from _robustness import evaluate_and_write, load_corrupted
 from _stage import FINETUNED, METRICS, PREPARED, begin, track, user_errors
 
 from anyorder.model.checkpoint import SPEC, load_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_json
 from anyorder.evaluation.intervals import pack_tree
 from anyorder.device import resolve_device

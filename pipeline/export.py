@@ -7,7 +7,7 @@ from pathlib import Path
 from _stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
 
 from anyorder.model.checkpoint import load_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.export.blocks import check_export, export_model
 from anyorder.files import atomic_write_json
 from anyorder.export.runtime import BlockRuntime

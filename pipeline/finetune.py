@@ -6,7 +6,8 @@ from _stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
 from _training import train_and_log
 
 from anyorder.model.checkpoint import load_model, load_start_weights
-from anyorder.model.vit import build_model, variant_spec
+from anyorder.model.spec import variant_spec
+from anyorder.model.vit import build_model
 from anyorder.evaluation.orders import layerdrop_rates
 from anyorder.device import resolve_device
 

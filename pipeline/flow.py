@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -51,6 +50,8 @@ import dvc_graph as dg
 import env
 import processes
 import workspace
+from flow_workspace import (backup_params, check_dvc_idle, record_written_params,
+                            restore_params)
 
 env.apply()  # before Prefect reads its settings
 
@@ -58,8 +59,6 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
-
-from anyorder.files import sha256_file  # noqa: E402  (src/ is on sys.path through _stage)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
@@ -191,77 +190,6 @@ def _late_scheduled_run(skip_if_late_seconds: Optional[float]) -> Optional[str]:
             f"late (another run was busy); the next scheduled run picks up from here")
 
 
-def _check_dvc_idle(root: Path) -> None:
-    """WorkspaceBusy if a `dvc` command (a `dvc repro` typed by hand) works in this workspace.
-
-    DVC holds its repo lock for its bookkeeping and lets go of it while a stage's command runs;
-    the stage then holds DVC's read/write locks on its files (.dvc/tmp/rwlock, with its pid).
-    Between the two, a running `dvc repro` is always visible."""
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-
-    def busy(who: str) -> workspace.WorkspaceBusy:
-        return workspace.WorkspaceBusy(f"{root}: {who} is running in this workspace (e.g. "
-                                       f"`dvc repro` typed by hand); wait for it to finish")
-
-    with Repo(str(root)) as repo:  # honours core.hardlink_lock; creates .dvc/tmp if missing
-        try:
-            repo.lock.lock()
-        except LockError:
-            raise busy("a dvc command") from None
-        repo.lock.unlock()
-        rwlock = Path(repo.tmp_dir) / "rwlock"
-    try:
-        held = json.loads(rwlock.read_text() or "{}") if rwlock.is_file() else {}
-    except ValueError:
-        held = {}
-    infos = [info for locks in held.values() for entry in locks.values()
-             for info in (entry if isinstance(entry, list) else [entry])]
-    for info in infos:
-        if _alive(int(info.get("pid", 0))):
-            raise busy(f"`{info.get('cmd', 'dvc')}` (pid {info['pid']})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return pid > 0
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _backup_params(root: Path) -> None:
-    """Before overrides are written: the original params.yaml, to put back after the run."""
-    (root / PARAMS_BACKUP).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(root / dg.PARAMS_FILE, root / PARAMS_BACKUP)
-
-
-def _record_written_params(root: Path) -> None:
-    """After the overrides are written: what this run wrote (a killed run's leftover is put back
-    only if params.yaml still holds exactly this, never over a user's later edit)."""
-    (root / PARAMS_WRITTEN).write_text(sha256_file(root / dg.PARAMS_FILE))
-
-
-def _restore_params(root: Path, logger, crashed: bool = False) -> None:
-    """Put the backed-up params.yaml back, unless params.yaml changed since the flow wrote it."""
-    backup, written = root / PARAMS_BACKUP, root / PARAMS_WRITTEN
-    if not backup.is_file():
-        return
-    current = root / dg.PARAMS_FILE
-    ours = not written.is_file() or written.read_text() == sha256_file(current)
-    if ours:
-        os.replace(backup, current)
-        logger.warning("params.yaml restored as it was before %s", "a flow run that was killed "
-                       "before putting it back" if crashed else "this run's overrides")
-    else:
-        logger.warning("params.yaml changed after a killed flow run wrote its overrides into it; "
-                       "keeping it as it is (the pre-run version was %s, now removed)", backup)
-        backup.unlink()
-    written.unlink(missing_ok=True)
-
-
 @flow(name=FLOW_NAME)
 def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, retries: int = 2,
                   retry_delay_seconds: float = 10.0, save_exp: bool = True,
@@ -275,20 +203,20 @@ def pipeline_flow(set_params: Optional[list[str]] = None, force: bool = False, r
         return Cancelled(message=reason)
     try:
         with workspace.exclusive(root, str(flow_run.get_id() or "")):
-            _check_dvc_idle(root)
-            _restore_params(root, logger, crashed=True)  # a killed earlier run left overrides
+            check_dvc_idle(root)
+            restore_params(root, logger, crashed=True)  # a killed earlier run left overrides
             overrides = dg.parse_overrides(set_params)
             dg.validate_params(root, overrides)  # ConfigError naming the key; nothing ran yet
             if overrides:
-                _backup_params(root)
+                backup_params(root)
             try:
                 dg.apply_overrides(root, overrides)
                 if overrides:
-                    _record_written_params(root)
+                    record_written_params(root)
                 return _run_stages(root, overrides, force, retries, retry_delay_seconds, save_exp,
                                    logger)
             finally:
-                _restore_params(root, logger)
+                restore_params(root, logger)
     finally:
         _cancel_runs_missed_meanwhile(logger)
 
@@ -351,9 +279,7 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["run", "serve", "trigger"])
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
@@ -365,62 +291,92 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--cron", help="serve: override the cron expression of the config")
     parser.add_argument("--config", default=str(SCHEDULE_FILE), help="schedule config file")
     parser.add_argument("--project-dir", help="DVC project to run (default: this repository)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def flow_parameters(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The schedule config and the flow's parameters (the config's, replaced by the command
+    line's), checked: ValueError naming what is wrong before any server or stage is contacted."""
+    if args.cron is not None and args.command != "serve":
+        raise dg.ScheduleError("--cron only applies to serve")
+    config = dg.load_schedule(args.config, args.cron)
+    parameters = config["parameters"]
+    if args.set_param or args.command == "run":
+        parameters["set_params"] = args.set_param
+    for key, value in (("force", args.force), ("retries", args.retries),
+                       ("retry_delay_seconds", args.retry_delay)):
+        if value is not None:
+            parameters[key] = value
+    if args.project_dir:
+        parameters["project_dir"] = str(Path(args.project_dir).resolve())
+    dg.check_flow_parameters(parameters, "command line")
+    dg.validate_params(parameters.get("project_dir") or ROOT,
+                       dg.parse_overrides(parameters.get("set_params")))
+    return config, parameters
+
+
+def run_now(parameters: dict, api_url: Optional[str]) -> int:
+    """One flow run in this process, on the server at `api_url` if one answers there."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not os.environ.get("PREFECT_API_URL") and not dg.server_up(api_url):
+        api_url = None  # no local server running: Prefect starts a temporary one
+    # SIGTERM (kill, a supervisor) unwinds like Ctrl-C: the running stage's process group is
+    # stopped and params.yaml put back, instead of the process vanishing mid-stage.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
+            state = pipeline_flow(**parameters, return_state=True)
+    except KeyboardInterrupt as exc:
+        print(f"flow run stopped ({exc or 'Ctrl-C'}): the running stage was stopped and "
+              f"params.yaml put back", file=sys.stderr)
+        return 143 if "SIGTERM" in str(exc) else 130
+    print(f"flow run {state.name}: {state.message or ''}", file=sys.stderr)
+    return 0 if state.is_completed() else 1
+
+
+def serve(config: dict, parameters: dict) -> None:
+    """Serve the deployment on its cron schedule, after cancelling the runs missed meanwhile."""
+    from prefect.schedules import Cron
+
+    if missed := skip_missed_runs(config["deployment"]):
+        print(f"cancelled {missed} scheduled run(s) missed while nothing was serving")
+    pipeline_flow.serve(name=config["deployment"], parameters=parameters,
+                        schedule=Cron(config["cron"], timezone=config.get("timezone")),
+                        limit=1, tags=["dvc"], description="DVC pipeline on a schedule")
+
+
+def trigger(config: dict, parameters: dict, api_url: str) -> None:
+    """Ask the served deployment for a run now."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(f"{FLOW_NAME}/{config['deployment']}", parameters=parameters,
+                         timeout=0, as_subflow=False)
+    print(f"flow run {run.name} ({run.id}) scheduled; "
+          f"UI: {api_url.removesuffix('/api')}/runs/flow-run/{run.id}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    args = parse_args(argv)
     try:  # refuse bad input before contacting any server or running any stage
-        if args.cron is not None and args.command != "serve":
-            raise dg.ScheduleError("--cron only applies to serve")
-        config = dg.load_schedule(args.config, args.cron)
-        parameters = config["parameters"]
-        if args.set_param or args.command == "run":
-            parameters["set_params"] = args.set_param
-        for key, value in (("force", args.force), ("retries", args.retries),
-                           ("retry_delay_seconds", args.retry_delay)):
-            if value is not None:
-                parameters[key] = value
-        if args.project_dir:
-            parameters["project_dir"] = str(Path(args.project_dir).resolve())
-        dg.check_flow_parameters(parameters, "command line")
-        dg.validate_params(parameters.get("project_dir") or ROOT,
-                           dg.parse_overrides(parameters.get("set_params")))
+        config, parameters = flow_parameters(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     api_url = os.environ.get("PREFECT_API_URL") or dg.api_url(config)
     if args.command == "run":
-        if not os.environ.get("PREFECT_API_URL") and not dg.server_up(api_url):
-            api_url = None  # no local server running: Prefect starts a temporary one
-        # SIGTERM (kill, a supervisor) unwinds like Ctrl-C: the running stage's process group is
-        # stopped and params.yaml put back, instead of the process vanishing mid-stage.
-        signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            with temporary_settings({PREFECT_API_URL: api_url} if api_url else {}):
-                state = pipeline_flow(**parameters, return_state=True)
-        except KeyboardInterrupt as exc:
-            print(f"flow run stopped ({exc or 'Ctrl-C'}): the running stage was stopped and "
-                  f"params.yaml put back", file=sys.stderr)
-            return 143 if "SIGTERM" in str(exc) else 130
-        print(f"flow run {state.name}: {state.message or ''}", file=sys.stderr)
-        return 0 if state.is_completed() else 1
+        return run_now(parameters, api_url)
     if not dg.server_up(api_url):
         print(f"error: no Prefect server answers at {api_url} (start one with "
               f"`python pipeline/scheduler.py`)", file=sys.stderr)
         return 1
     with temporary_settings({PREFECT_API_URL: api_url}):
         if args.command == "serve":
-            from prefect.schedules import Cron
-
-            if missed := skip_missed_runs(config["deployment"]):
-                print(f"cancelled {missed} scheduled run(s) missed while nothing was serving")
-            pipeline_flow.serve(name=config["deployment"], parameters=parameters,
-                                schedule=Cron(config["cron"], timezone=config.get("timezone")),
-                                limit=1, tags=["dvc"], description="DVC pipeline on a schedule")
+            serve(config, parameters)
             return 0
-        from prefect.deployments import run_deployment
-
-        run = run_deployment(f"{FLOW_NAME}/{config['deployment']}", parameters=parameters,
-                             timeout=0, as_subflow=False)
-        print(f"flow run {run.name} ({run.id}) scheduled; "
-              f"UI: {api_url.removesuffix('/api')}/runs/flow-run/{run.id}")
+        trigger(config, parameters, api_url)
     return 0
 
 

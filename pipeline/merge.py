@@ -15,7 +15,7 @@ from _evaluation import evaluate_and_prune
 from _stage import MERGED, METRICS, PREPARED, begin, declared, fail, track, user_errors
 
 from anyorder.model.checkpoint import SPEC, WEIGHTS, load_model, save_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
 from anyorder.evaluation.intervals import pack_tree
 from anyorder.model.merge import (GENERATORS, MergeContext, Recipe, Scorer, check_compatible,

@@ -14,13 +14,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from _robustness import (evaluate_and_write, load_corrupted, synthesis_per_epoch,
-                         synthesis_settings)
+from _robustness import evaluate_and_write, load_corrupted, synthesis_per_epoch
 from _stage import METRICS, NULLSPACE, PLOTS, PREPARED, begin, fail, user_errors
 from _training import train_and_log
 
 from anyorder.model.checkpoint import SPEC, load_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_json
 from anyorder.evaluation.intervals import pack_tree
 from anyorder.robustness.nullspace import epoch_noise
@@ -38,7 +37,7 @@ def main() -> None:
         if not (Path(arm.start) / "model.json").is_file():
             fail(f"nullspace.arms.{arm_name}.start: {arm.start} holds no model (model.json); "
                  f"name a model directory the pipeline writes, e.g. models/finetune/sequential")
-        synthesis = synthesis_settings(stage.settings)
+        synthesis = stage.settings.nullspace.synthesis
         load_corrupted(stage.settings)
         train_images, _ = load_split(PREPARED, "train")
     model = load_model(arm.start)

@@ -5,8 +5,9 @@ from pathlib import Path
 from _stage import PLOTS, PREPARED, PRETRAINED, WEIGHTS_DIR, begin, fail, user_errors
 from _training import train_and_log
 
-from anyorder.data.prepare import load_meta
-from anyorder.model.vit import build_model, model_spec
+from anyorder.data.prepared import load_meta
+from anyorder.model.spec import model_spec
+from anyorder.model.vit import build_model
 from anyorder.device import resolve_device
 
 

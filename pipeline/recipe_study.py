@@ -35,12 +35,15 @@ import numpy as np
 import torch
 
 from anyorder.model.checkpoint import load_model, load_start_weights
-from anyorder.config import FinetuneRun, load_settings
-from anyorder.data.prepare import load_split, prepare_dataset
+from anyorder.config import load_settings
+from anyorder.model.settings import FinetuneRun
+from anyorder.data.prepare import prepare_dataset
+from anyorder.data.prepared import load_split
 from anyorder.evaluation.accuracy import evaluate_orders, select_best
 from anyorder.files import atomic_write_bytes, atomic_write_json, npz_bytes
 from anyorder.evaluation.intervals import difference, pack_tree, unpack_tree
-from anyorder.model.vit import build_model, model_spec, variant_spec
+from anyorder.model.spec import model_spec, variant_spec
+from anyorder.model.vit import build_model
 from anyorder.report import interval_text
 from anyorder.training.loop import train_and_save
 
@@ -127,7 +130,7 @@ def candidate_run(spec: dict, shared) -> FinetuneRun:
     return run
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES),
@@ -139,83 +142,95 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="retrain everything")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    settings = load_settings(args.params)
-    unknown = [name for name in args.also if name not in settings.finetune.runs]
-    if unknown:
-        sys.exit(f"--also: {', '.join(unknown)} not in finetune.runs of {args.params}")
-    WORK = WORK_ROOT / args.level
-    if args.fresh and WORK.exists():
-        shutil.rmtree(WORK)
-    data, prepared = WORK / "distorted_digits.npz", WORK / "prepared"
+    return parser.parse_args()
+
+
+def prepare_data(work: Path, level: str, settings) -> Path:
+    """The distorted digits of `level`, prepared with params.yaml's data settings (built once)."""
+    data, prepared = work / "distorted_digits.npz", work / "prepared"
     if not (prepared / "meta.json").is_file():
-        images, labels = distorted_digits(SOURCE, args.level)
+        images, labels = distorted_digits(SOURCE, level)
         atomic_write_bytes(data, npz_bytes({"x": images, "y": labels,
                                             "class_names": np.array([str(c) for c in range(10)])}))
         d = settings.data
         prepare_dataset("npz", str(data), d.image_size, d.val_fraction, d.test_fraction,
                         d.split_seed, prepared)
-    val, test = load_split(prepared, "val"), load_split(prepared, "test")
-    meta_classes = [str(c) for c in range(10)]
+    return prepared
 
-    def trained(name: str, make, cfg, seed: int, start: str = "", **knobs):
+
+class StudyModels:
+    """The study's models under `work`, each retrained only when its recipe, spec or start
+    model changed."""
+
+    def __init__(self, work: Path, prepared: Path, settings):
+        self.work, self.prepared, self.settings = work, prepared, settings
+
+    def trained(self, name: str, make, cfg, seed: int, start: str = "", **knobs):
         """The model trained so, from the cache when its recipe, spec and start are the same."""
-        out = WORK / name
+        out = self.work / name
         model = make()
         key = {"config": dataclasses.asdict(cfg), "seed": seed, "knobs": knobs,
                "spec": model.spec.to_dict(),
                "start": start and hashlib.sha256(
-                   (WORK / start / "model.safetensors").read_bytes()).hexdigest()}
+                   (self.work / start / "model.safetensors").read_bytes()).hexdigest()}
         key_file = out / "study_key.json"
         if not (key_file.is_file() and json.loads(key_file.read_text()) == key):
             if out.exists():
                 shutil.rmtree(out)
             started = time.perf_counter()
-            train_and_save(model, prepared, cfg, seed, out, state_dir=WORK / "state" / name,
-                           **knobs)
+            train_and_save(model, self.prepared, cfg, seed, out,
+                           state_dir=self.work / "state" / name, **knobs)
             atomic_write_json(key_file, key)
             print(f"{name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
         return load_model(out)
 
-    pre = settings.pretrain
-    spec = model_spec(settings.model, settings.data.image_size, meta_classes)
-    trained("pretrain", lambda: build_model(spec, settings.model.pretrained, seed=pre.seed),
-            pre.training(), pre.seed)
-
-    if any(CANDIDATES[name].get("start") == "pretrain_ls" for name in args.candidates):
-        ls_spec = dataclasses.replace(spec, variant="ls")
-        trained("pretrain_ls", lambda: build_model(ls_spec, settings.model.pretrained,
-                                                   seed=pre.seed), pre.training(), pre.seed)
-
-    def finetuned(name: str, run: FinetuneRun, start: str = "pretrain"):
+    def finetuned(self, name: str, run: FinetuneRun, start: str = "pretrain"):
         def make():
-            model = build_model(variant_spec(load_model(WORK / start).spec, run), seed=run.seed)
-            load_start_weights(model, WORK / start)
+            model = build_model(variant_spec(load_model(self.work / start).spec, run),
+                                seed=run.seed)
+            load_start_weights(model, self.work / start)
             return model
         knobs = {k: v for k in ("order_sampling", "position_loss_weight")
                  if (v := run.knob(k)) is not None}
-        return trained(name, make, run.training(settings.finetune), run.seed, start, **knobs)
+        return self.trained(name, make, run.training(self.settings.finetune), run.seed, start,
+                            **knobs)
 
+
+def train_models(cache: StudyModels, settings, args: argparse.Namespace) -> tuple:
+    """The pre-trained model(s), then the baseline, the --also runs and the candidates
+    fine-tuned from them; returns (runs, their start models, the fine-tuned models)."""
+    pre = settings.pretrain
+    spec = model_spec(settings.model, settings.data.image_size, [str(c) for c in range(10)])
+    cache.trained("pretrain", lambda: build_model(spec, settings.model.pretrained, seed=pre.seed),
+                  pre.training(), pre.seed)
+    if any(CANDIDATES[name].get("start") == "pretrain_ls" for name in args.candidates):
+        ls_spec = dataclasses.replace(spec, variant="ls")
+        cache.trained("pretrain_ls", lambda: build_model(ls_spec, settings.model.pretrained,
+                                                         seed=pre.seed), pre.training(), pre.seed)
     runs = {"sequential": settings.finetune.runs["sequential"]}
     runs.update({name: settings.finetune.runs[name] for name in args.also})
     runs.update({name: candidate_run(CANDIDATES[name], settings.finetune)
                  for name in args.candidates})
     starts = {name: CANDIDATES.get(name, {}).get("start", "pretrain") if name in args.candidates
               else "pretrain" for name in runs}
-    models = {name: finetuned(name, run, starts[name]) for name, run in runs.items()}
+    models = {name: cache.finetuned(name, run, starts[name]) for name, run in runs.items()}
+    return runs, starts, models
 
+
+def score(models: dict, runs: dict, starts: dict, work: Path, settings, val, test) -> tuple:
+    """Every model on the validation split (random orders) and the test split (cached under
+    its directory); returns (results, per-image test outcomes) by run name."""
     sel, ev = settings.select, settings.evaluate
     _, val_scores = select_best(models, *val, sel.num_orders, sel.order_seed, sel.batch_size)
     results, outcomes = {}, {}
     for name, model in models.items():
-        cached = WORK / name / "test_evaluation.json"  # the study's, not the model's
+        cached = work / name / "test_evaluation.json"  # the study's, not the model's
         if not cached.is_file() or "outcomes" not in json.loads(cached.read_text()):
             atomic_write_json(cached, pack_tree(evaluate_orders(
                 model, *test, ev.num_orders, ev.order_seed, ev.batch_size)))
         test_eval = unpack_tree(json.loads(cached.read_text()))
         outcomes[name] = test_eval["outcomes"]
-        final = _final(WORK / name)
+        final = _final(work / name)
         results[name] = {
             "run": dataclasses.asdict(runs[name]), "start": starts[name],
             "epochs": runs[name].training(settings.finetune).epochs,
@@ -224,6 +239,12 @@ def main() -> None:
             "val_random_orders": val_scores[name],
             "test_sequential": test_eval["sequential"],
             "test_random_orders": test_eval["arbitrary"]}
+    return results, outcomes
+
+
+def compare_with_baseline(results: dict, outcomes: dict) -> str:
+    """Adds each run's test accuracy in random orders against the baseline's sequential one;
+    returns the LayerShuffle run chosen on validation."""
     baseline = results["sequential"]["test_sequential"]
     shuffled = [n for n in results if n != "sequential"]
     chosen = max(shuffled, key=lambda n: results[n]["val_random_orders"]["mean"])
@@ -232,6 +253,24 @@ def main() -> None:
             results[name]["test_random_orders"]["mean"] / baseline
         results[name]["test_random_minus_baseline"] = difference(
             np.stack(outcomes[name]["random_orders"]), outcomes["sequential"]["sequential"])
+    return chosen
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.params)
+    unknown = [name for name in args.also if name not in settings.finetune.runs]
+    if unknown:
+        sys.exit(f"--also: {', '.join(unknown)} not in finetune.runs of {args.params}")
+    work = WORK_ROOT / args.level
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    prepared = prepare_data(work, args.level, settings)
+    val, test = load_split(prepared, "val"), load_split(prepared, "test")
+    runs, starts, models = train_models(StudyModels(work, prepared, settings), settings, args)
+    results, outcomes = score(models, runs, starts, work, settings, val, test)
+    chosen = compare_with_baseline(results, outcomes)
     report = {"data": {"built_from": str(SOURCE), "level": args.level, **LEVELS[args.level],
                        "images": 10_000, "size": 28,
                        "train": int(len(load_split(prepared, "train")[1])),

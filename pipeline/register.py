@@ -65,7 +65,7 @@ def register_export(export_dir: Path, model_name: str, alias: str, verdict: dict
     client = mlflow.MlflowClient()
     tags = {"anyorder.export_version": manifest["version"], "anyorder.variant": manifest["variant"],
             "anyorder.manifest_sha256": sha256_file(Path(export_dir) / MANIFEST),
-            "anyorder.evaluation.gates": "passed" if verdict["passed"] else
+            "anyorder.gates": "passed" if verdict["passed"] else
             "failed: " + "; ".join(verdict["failed"]),
             **{f"metric.{name}": str(gate["value"]) for name, gate in verdict["gates"].items()},
             **tags}
@@ -85,7 +85,7 @@ def main() -> None:
         manifest = read_manifest(export_dir)
         export_check = read_json(METRICS / "export" / f"{cfg.export}.json", "export")
     verdict = check_gates(cfg.gates, manifest, export_check)
-    tags = {"anyorder.export.blocks": cfg.export, "git.commit": git_commit(),
+    tags = {"anyorder.export": cfg.export, "git.commit": git_commit(),
             "anyorder.pipeline_run_id": pipeline_run_id(stage.params_path)}
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]

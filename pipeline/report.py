@@ -148,58 +148,66 @@ def kind_of(name: str, runs, merges) -> str:
     return "sequential" if run.variant == "sequential" else "layershuffle"
 
 
-def main() -> None:
-    stage = begin(__doc__, "report")
-    finetune_runs, merges = stage.settings.finetune.runs, stage.settings.merge.models
-    names = list(finetune_runs) + list(stage.settings.nullspace.arms)
-    evaluated = list(finetune_runs) + list(merges)
-    runs = {name: read_json(METRICS / "evaluate" / f"{name}.json", f"evaluate@{name}")
-            for name in evaluated}
-    robust = {name: read_json(METRICS / "robustness" / f"{name}.json", name) for name in names}
-    curves = {name: read_json(METRICS / "pruning" / f"{name}.json", name) for name in evaluated}
-    cards = {name: read_json(METRICS / "merge" / f"{name}.json", f"merge@{name}")
-             for name in merges}
-    analysis = read_json(METRICS / "analysis.json", "analysis")
-    outcomes = {name: unpack_tree(read_json(METRICS / "outcomes" / f"{name}.json", name))
-                for name in dict.fromkeys(names + evaluated)}
-    baseline = stage.settings.report.baseline
-    with track(stage) as mlflow:
-        summary = summary_table(runs, baseline, outcomes)
-        atomic_write_json(METRICS / "summary.json", summary)
-        for name, row in summary["runs"].items():
-            mlflow.log_metrics({f"{name}.sequential": row["sequential"],
-                                f"{name}.arbitrary_mean": row["arbitrary_mean"]})
-        mlflow.log_artifact(str(METRICS / "summary.json"))
-        table = robustness_table(robust, baseline, {n: o["robustness"] for n, o in
-                                                     outcomes.items() if "robustness" in o})
-        atomic_write_json(METRICS / "robustness_summary.json", table)
-        robustness_md = (robustness_markdown(table, COLUMNS) + DIFFERENCES_INTRO.format(
-            baseline=baseline) + differences_markdown(table))
-        trained_noise = synthesis_markdown(robust)
-        if trained_noise:
-            robustness_md += SYNTHESIS_INTRO + trained_noise
-        atomic_write_bytes(METRICS / "robustness.md", robustness_md.encode())
-        severity, adversarial = plot_rows(robust)
-        atomic_write_csv(PLOTS / "robustness" / "severity.csv", severity)
-        atomic_write_csv(PLOTS / "robustness" / "adversarial.csv", adversarial)
-        pruning = pruning_rows(curves, {n: kind_of(n, finetune_runs, merges) for n in curves})
-        atomic_write_csv(PLOTS / "pruning" / "curves.csv", pruning)
-        merge_table = merge_summary(cards, runs, outcomes)
-        atomic_write_json(METRICS / "merge_summary.json", merge_table)
-        images = {PLOTS / "robustness" / f"{n}.png": data
-                  for n, data in draw(severity, adversarial).items()}
-        images[PLOTS / "pruning" / "pruning.png"] = draw_pruning(pruning)
-        images[PLOTS / "orders.png"] = draw_orders(runs)
-        for path, data in images.items():
-            atomic_write_bytes(path, data)
-            mlflow.log_artifact(str(path))
-        figures = {path.stem: f"../{path.as_posix()}" for path in images}
-        figures.update({path.stem: f"../{path.as_posix()}"
-                        for path in sorted((PLOTS / "analysis").glob("*.png"))})
-        page = report_markdown(summary, pruning, merge_table, analysis, robustness_md, figures)
-        atomic_write_bytes(METRICS / "report.md", page.encode())
-        mlflow.log_artifact(str(METRICS / "robustness.md"))
-        mlflow.log_artifact(str(METRICS / "report.md"))
+def read_metrics(names: list[str], evaluated: list[str], merges) -> dict:
+    """The stage's inputs: evaluate, robustness, pruning and merge metrics, the analysis and the
+    per-image outcomes of every model."""
+    return {
+        "runs": {name: read_json(METRICS / "evaluate" / f"{name}.json", f"evaluate@{name}")
+                 for name in evaluated},
+        "robust": {name: read_json(METRICS / "robustness" / f"{name}.json", name)
+                   for name in names},
+        "curves": {name: read_json(METRICS / "pruning" / f"{name}.json", name)
+                   for name in evaluated},
+        "cards": {name: read_json(METRICS / "merge" / f"{name}.json", f"merge@{name}")
+                  for name in merges},
+        "analysis": read_json(METRICS / "analysis.json", "analysis"),
+        "outcomes": {name: unpack_tree(read_json(METRICS / "outcomes" / f"{name}.json", name))
+                     for name in dict.fromkeys(names + evaluated)}}
+
+
+def write_summary(mlflow, runs: dict, baseline: str, outcomes: dict) -> dict:
+    """metrics/summary.json, with every run's sequential and random-order mean logged."""
+    summary = summary_table(runs, baseline, outcomes)
+    atomic_write_json(METRICS / "summary.json", summary)
+    for name, row in summary["runs"].items():
+        mlflow.log_metrics({f"{name}.sequential": row["sequential"],
+                            f"{name}.arbitrary_mean": row["arbitrary_mean"]})
+    mlflow.log_artifact(str(METRICS / "summary.json"))
+    return summary
+
+
+def write_robustness(robust: dict, baseline: str, outcomes: dict) -> str:
+    """metrics/robustness_summary.json and metrics/robustness.md; returns the latter's text."""
+    table = robustness_table(robust, baseline, {n: o["robustness"] for n, o in
+                                                 outcomes.items() if "robustness" in o})
+    atomic_write_json(METRICS / "robustness_summary.json", table)
+    robustness_md = (robustness_markdown(table, COLUMNS) + DIFFERENCES_INTRO.format(
+        baseline=baseline) + differences_markdown(table))
+    trained_noise = synthesis_markdown(robust)
+    if trained_noise:
+        robustness_md += SYNTHESIS_INTRO + trained_noise
+    atomic_write_bytes(METRICS / "robustness.md", robustness_md.encode())
+    return robustness_md
+
+
+def write_images(mlflow, severity: list[dict], adversarial: list[dict], pruning: list[dict],
+                 runs: dict) -> dict[str, str]:
+    """The robustness, pruning and orders PNGs; returns every figure's name -> its path as the
+    report page links it (the analysis stage's PNGs included)."""
+    images = {PLOTS / "robustness" / f"{n}.png": data
+              for n, data in draw(severity, adversarial).items()}
+    images[PLOTS / "pruning" / "pruning.png"] = draw_pruning(pruning)
+    images[PLOTS / "orders.png"] = draw_orders(runs)
+    for path, data in images.items():
+        atomic_write_bytes(path, data)
+        mlflow.log_artifact(str(path))
+    figures = {path.stem: f"../{path.as_posix()}" for path in images}
+    figures.update({path.stem: f"../{path.as_posix()}"
+                    for path in sorted((PLOTS / "analysis").glob("*.png"))})
+    return figures
+
+
+def print_summary(summary: dict, merge_table: dict) -> None:
     print(f"{'run':<14}{'variant':<12}{'sequential':>11}{'arb mean':>10}{'arb min':>9}{'vs base':>9}")
     for name, row in summary["runs"].items():
         ratio = row.get("arbitrary_mean_vs_baseline_sequential", float("nan"))
@@ -210,6 +218,34 @@ def main() -> None:
               f"{m.get('test_sources_mean', float('nan')):.4f}; validation {m['val_merged']:.4f} "
               f"vs best source {m['val_best_source']:.4f}")
     print(f"report: {METRICS / 'report.md'}")
+
+
+def main() -> None:
+    stage = begin(__doc__, "report")
+    finetune_runs, merges = stage.settings.finetune.runs, stage.settings.merge.models
+    names = list(finetune_runs) + list(stage.settings.nullspace.arms)
+    evaluated = list(finetune_runs) + list(merges)
+    inputs = read_metrics(names, evaluated, merges)
+    runs, robust, outcomes = inputs["runs"], inputs["robust"], inputs["outcomes"]
+    baseline = stage.settings.report.baseline
+    with track(stage) as mlflow:
+        summary = write_summary(mlflow, runs, baseline, outcomes)
+        robustness_md = write_robustness(robust, baseline, outcomes)
+        severity, adversarial = plot_rows(robust)
+        atomic_write_csv(PLOTS / "robustness" / "severity.csv", severity)
+        atomic_write_csv(PLOTS / "robustness" / "adversarial.csv", adversarial)
+        curves = inputs["curves"]
+        pruning = pruning_rows(curves, {n: kind_of(n, finetune_runs, merges) for n in curves})
+        atomic_write_csv(PLOTS / "pruning" / "curves.csv", pruning)
+        merge_table = merge_summary(inputs["cards"], runs, outcomes)
+        atomic_write_json(METRICS / "merge_summary.json", merge_table)
+        figures = write_images(mlflow, severity, adversarial, pruning, runs)
+        page = report_markdown(summary, pruning, merge_table, inputs["analysis"], robustness_md,
+                               figures)
+        atomic_write_bytes(METRICS / "report.md", page.encode())
+        mlflow.log_artifact(str(METRICS / "robustness.md"))
+        mlflow.log_artifact(str(METRICS / "report.md"))
+    print_summary(summary, merge_table)
 
 
 if __name__ == "__main__":

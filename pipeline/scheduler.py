@@ -59,12 +59,76 @@ def stop(proc: subprocess.Popen | None, name: str, grace: float) -> None:
     log(f"{name} stopped (exit {proc.wait()})")
 
 
-def main(argv: list[str] | None = None) -> int:
+class Shutdown:
+    """Set by SIGINT/SIGTERM once installed: the scheduler winds down at its next check."""
+
+    def __init__(self):
+        self.requested = False
+
+    def on_signal(self, signum, _frame) -> None:
+        self.requested = True
+        log(f"got {signal.Signals(signum).name}: shutting down")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self.on_signal)
+        signal.signal(signal.SIGTERM, self.on_signal)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(HERE / "schedule.yaml"))
     parser.add_argument("--cron", help="override the cron expression of the config")
     parser.add_argument("--project-dir", help="DVC project the flow runs (default: this one)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def start_server(host: str, port: int) -> subprocess.Popen:
+    log(f"starting Prefect server on {host}:{port} "
+        f"(SQLite under {os.environ['PREFECT_HOME']})")
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+         "--port", str(port)], start_new_session=True,
+        env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+             **SERVER_ENV})
+
+
+def wait_until_healthy(server: subprocess.Popen, api_url: str, host: str, port: int,
+                       shutdown: Shutdown) -> int | None:
+    """None once the server answers; else the exit code (0: asked to stop, 1: it failed)."""
+    import dvc_graph as dg
+    started = time.monotonic()
+    while not dg.server_up(api_url):
+        if shutdown.requested or server.poll() is not None or time.monotonic() - started > 120:
+            log("server did not become healthy" if not shutdown.requested else "stopped early")
+            return 0 if shutdown.requested else 1
+        time.sleep(0.5)
+    log(f"server healthy after {time.monotonic() - started:.1f} s; UI at "
+        f"http://{host}:{port}")
+    return None
+
+
+def start_serve(args: argparse.Namespace) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(HERE / "flow.py"), "serve", "--config", args.config,
+         *(["--project-dir", args.project_dir] if args.project_dir else []),
+         *(["--cron", args.cron] if args.cron else [])],
+        start_new_session=True)
+
+
+def watch(serve: subprocess.Popen, server: subprocess.Popen | None, shutdown: Shutdown) -> bool:
+    """Until a stop is asked for or a child exits; True if a child exited on its own."""
+    failed = False
+    while not shutdown.requested:
+        for proc, name in ((serve, "serve"), (server, "server")):
+            if proc is not None and proc.poll() is not None:
+                log(f"{name} exited unexpectedly (exit {proc.returncode})")
+                shutdown.requested = failed = True
+        time.sleep(0.5)
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import env
     env.apply()
     import dvc_graph as dg
@@ -80,49 +144,22 @@ def main(argv: list[str] | None = None) -> int:
     api_url = dg.api_url(config)
     os.environ["PREFECT_API_URL"] = api_url
 
-    stopping, failed = False, False
-
-    def on_signal(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        log(f"got {signal.Signals(signum).name}: shutting down")
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
+    failed = False
+    shutdown = Shutdown()
+    shutdown.install()
     server = serve = None
     try:
         if dg.server_up(api_url):
             log(f"a Prefect server already answers at {api_url}: using it (and leaving it up)")
         else:
-            log(f"starting Prefect server on {host}:{port} "
-                f"(SQLite under {os.environ['PREFECT_HOME']})")
-            server = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                 "--port", str(port)], start_new_session=True,
-                env={**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
-                     **SERVER_ENV})
-            started = time.monotonic()
-            while not dg.server_up(api_url):
-                if stopping or server.poll() is not None or time.monotonic() - started > 120:
-                    log("server did not become healthy" if not stopping else "stopped early")
-                    return 0 if stopping else 1
-                time.sleep(0.5)
-            log(f"server healthy after {time.monotonic() - started:.1f} s; UI at "
-                f"http://{host}:{port}")
-        serve = subprocess.Popen(
-            [sys.executable, str(HERE / "flow.py"), "serve", "--config", args.config,
-             *(["--project-dir", args.project_dir] if args.project_dir else []),
-             *(["--cron", args.cron] if args.cron else [])],
-            start_new_session=True)
+            server = start_server(host, port)
+            code = wait_until_healthy(server, api_url, host, port, shutdown)
+            if code is not None:
+                return code
+        serve = start_serve(args)
         log(f"serving deployment {config['deployment']!r} on cron {config['cron']!r} "
             f"({config.get('timezone') or 'UTC'}); Ctrl-C to stop")
-        while not stopping:
-            for proc, name in ((serve, "serve"), (server, "server")):
-                if proc is not None and proc.poll() is not None:
-                    log(f"{name} exited unexpectedly (exit {proc.returncode})")
-                    stopping = failed = True
-            time.sleep(0.5)
+        failed = watch(serve, server, shutdown)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the cleanup
         stop(serve, "serve", grace=10)   # first: it talks to the server while shutting down

@@ -8,7 +8,7 @@ from _stage import (FINETUNED, METRICS, PREPARED, SELECTED, begin, fail, read_js
                     user_errors)
 
 from anyorder.model.checkpoint import load_model
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.evaluation.accuracy import select_best
 from anyorder.files import atomic_directory, atomic_write_json
 from anyorder.device import resolve_device

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _robustness import load_corrupted, synthesis_per_epoch, synthesis_settings
+from _robustness import load_corrupted, synthesis_per_epoch
 from _stage import CORRUPTED, FINETUNED, PREPARED
 
 from anyorder.model.checkpoint import load_model
 from anyorder.config import load_settings
 from anyorder.robustness.corruptions import CORRUPTIONS
-from anyorder.data.prepare import load_split
+from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_json
 from anyorder.robustness.nullspace import epoch_noise
 from anyorder.robustness.evaluate import evaluate_robustness
@@ -43,28 +43,31 @@ HEADLINE = ["clean", "mean_corruption_accuracy", "mce_vs_baseline", "fgsm@1/255"
             "synthesised_noise_accuracy"]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    settings = load_settings(args.params)
-    cfg, robust = settings.nullspace, replace(settings.robustness, num_images=None)
-    arms = {**cfg.arms, **cfg.study_arms}
-    device = resolve_device(cfg.device, "nullspace.device")
-    starts = sorted({arm.start for arm in arms.values()})
+    return parser.parse_args()
+
+
+def load_splits(starts: list[str]) -> tuple:
+    """(test, train, val) of data/prepared; exits naming what is missing if `make run` has not
+    written the prepared data, the corrupted sets or a start model."""
     missing = [p for p in [PREPARED / "test.npz", CORRUPTED / "manifest.json"] +
                [Path(s) / "model.json" for s in starts] if not p.is_file()]
     if missing:
         sys.exit(f"error: {', '.join(map(str, missing))} missing: run `make run` first")
-    test, train, val = (load_split(PREPARED, s) for s in ("test", "train", "val"))
-    corrupted = load_corrupted(settings)  # checked against robustness.corruptions
-    synthesis = synthesis_settings(settings)
+    return tuple(load_split(PREPARED, s) for s in ("test", "train", "val"))
+
+
+def train_and_evaluate(arms: dict, starts: list[str], seeds: list[int], cfg, splits: tuple,
+                       corrupted, robust, synthesis, device, started: float) -> dict[str, dict]:
+    """The robustness of every start model and of every arm trained with every seed, by name
+    (start:<model>, <arm>:seed<seed>)."""
+    test, train, val = splits
     results: dict[str, dict] = {}
-    started = time.perf_counter()
 
     def evaluate(name: str, model) -> None:
         results[name] = evaluate_robustness(model, *test, corrupted, train[0], robust, synthesis,
@@ -74,7 +77,7 @@ def main() -> None:
     for start in starts:
         evaluate(f"start:{start}", load_model(start))
     for arm_name, arm in arms.items():
-        for seed in args.seeds:
+        for seed in seeds:
             model = load_model(arm.start)
             history = train_model(model, train, val, cfg.training(), seed, progress=False,
                                   epoch_noise=epoch_noise(arm.noise, synthesis, train[0],
@@ -87,36 +90,67 @@ def main() -> None:
                 results[f"{arm_name}:seed{seed}"]["training_synthesis"] = {
                     "converged_every_epoch": all(r["converged"] for r in records),
                     "epochs": records}
-    baseline = f"start:{FINETUNED / settings.report.baseline}"
-    if baseline not in results:
-        sys.exit(f"error: report.baseline {settings.report.baseline} is no arm's start model "
-                 f"({', '.join(starts)}): the study compares arms with it")
-    table = robustness_table(results, baseline)["models"]
-    summary = {"seeds": args.seeds, "num_test_images": int(len(test[1])), "baseline": baseline,
-               "epsilon": synthesis.epsilon,
-               "corruptions": list(robust.corruptions.names) == list(CORRUPTIONS),
-               "arms": {}, "differences": {}, "runs": table}
+    return results
+
+
+def arm_statistics(table: dict, results: dict, arms: dict, seeds: list[int]) -> dict:
+    """Per arm and mode: mean and std over the seeds of the headline figures, and the
+    arbitrary-order accuracy kept from the start model where it has one."""
+    stats = {}
     for arm_name, arm in arms.items():
-        rows = [table[f"{arm_name}:seed{seed}"] for seed in args.seeds]
-        summary["arms"][arm_name] = {mode: {k: _stats([r[mode][k] for r in rows]) for k in HEADLINE}
-                                     for mode in rows[0] if mode != "variant"}
-        summary["arms"][arm_name]["start"] = arm.start
-        summary["arms"][arm_name]["noise"] = arm.noise
+        rows = [table[f"{arm_name}:seed{seed}"] for seed in seeds]
+        stats[arm_name] = {mode: {k: _stats([r[mode][k] for r in rows]) for k in HEADLINE}
+                           for mode in rows[0] if mode != "variant"}
+        stats[arm_name]["start"] = arm.start
+        stats[arm_name]["noise"] = arm.noise
     for arm_name, arm in arms.items():  # arbitrary-order accuracy kept by fine-tuning
         start_clean = results[f"start:{arm.start}"]["clean_accuracy"]
         if "random_orders" in start_clean:
-            summary["arms"][arm_name]["random_orders_accuracy_kept"] = _stats([
+            stats[arm_name]["random_orders_accuracy_kept"] = _stats([
                 results[f"{arm_name}:seed{seed}"]["clean_accuracy"]["random_orders"]
-                / start_clean["random_orders"] for seed in args.seeds])
+                / start_clean["random_orders"] for seed in seeds])
+    return stats
+
+
+def arm_differences(results: dict, arms: dict, seeds: list[int]) -> dict:
+    """Every nullspace arm minus every other arm from the same start model, per mode."""
+    out = {}
     for arm_name, arm in arms.items():
         if arm.noise != "nullspace":
             continue
         for other_name, other in arms.items():
             if other.start == arm.start and other.noise != "nullspace":
-                summary["differences"][f"{arm_name} - {other_name}"] = {
-                    mode: differences([results[f"{arm_name}:seed{s}"] for s in args.seeds],
-                                      [results[f"{other_name}:seed{s}"] for s in args.seeds], mode)
-                    for mode in results[f"{arm_name}:seed{args.seeds[0]}"]["outcomes"]}
+                out[f"{arm_name} - {other_name}"] = {
+                    mode: differences([results[f"{arm_name}:seed{s}"] for s in seeds],
+                                      [results[f"{other_name}:seed{s}"] for s in seeds], mode)
+                    for mode in results[f"{arm_name}:seed{seeds[0]}"]["outcomes"]}
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.params)
+    cfg, robust = settings.nullspace, replace(settings.robustness, num_images=None)
+    arms = {**cfg.arms, **cfg.study_arms}
+    device = resolve_device(cfg.device, "nullspace.device")
+    starts = sorted({arm.start for arm in arms.values()})
+    splits = load_splits(starts)
+    corrupted = load_corrupted(settings)  # checked against robustness.corruptions
+    synthesis = settings.nullspace.synthesis
+    started = time.perf_counter()
+    results = train_and_evaluate(arms, starts, args.seeds, cfg, splits, corrupted, robust,
+                                 synthesis, device, started)
+    baseline = f"start:{FINETUNED / settings.report.baseline}"
+    if baseline not in results:
+        sys.exit(f"error: report.baseline {settings.report.baseline} is no arm's start model "
+                 f"({', '.join(starts)}): the study compares arms with it")
+    table = robustness_table(results, baseline)["models"]
+    summary = {"seeds": args.seeds, "num_test_images": int(len(splits[0][1])),
+               "baseline": baseline, "epsilon": synthesis.epsilon,
+               "corruptions": list(robust.corruptions.names) == list(CORRUPTIONS),
+               "arms": arm_statistics(table, results, arms, args.seeds),
+               "differences": arm_differences(results, arms, args.seeds), "runs": table}
     summary["synthesis"] = {name: r["training_synthesis"] for name, r in results.items()
                             if "training_synthesis" in r}
     OUT.mkdir(parents=True, exist_ok=True)

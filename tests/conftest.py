@@ -20,8 +20,10 @@ env.apply()
 # worker and the stages it starts) share 2 cores: one thread everywhere, subprocesses included.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-from anyorder.data.prepare import load_split, prepare_dataset  # noqa: E402
-from anyorder.model.vit import ModelSpec, build_model  # noqa: E402
+from anyorder.data.prepare import prepare_dataset  # noqa: E402
+from anyorder.data.prepared import load_split  # noqa: E402
+from anyorder.model.spec import ModelSpec  # noqa: E402
+from anyorder.model.vit import build_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -73,7 +75,8 @@ TINY_PIPELINE = {
                    "num_images": 16, "num_orders": 2},
     "pruning": {"subsets": 3},
     "merge": {"num_orders": 2, "models": {"frank": {
-        "generator": "greedy", "sources": ["models/finetune/ls", "models/finetune/ls1"]}}},
+        "generator": "greedy", "sources": ["models/finetune/ls", "models/finetune/ls1"],
+        "seed": 0}}},
     "analysis": {"models": ["models/finetune/seq", "models/finetune/ls"], "num_images": 16,
                  "num_orders": 2},
 }
@@ -88,6 +91,11 @@ def _merged(base: dict, override: dict) -> dict:
     return out
 
 
+def shipped_params(edits: dict | None = None) -> dict:
+    """This project's params.yaml as a dict, with `edits` merged in (named entries replaced)."""
+    return _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), edits or {})
+
+
 def copy_tiny_project(root: Path) -> Path:
     """Copy this project's pipeline and library into `root` with TINY_PIPELINE params
     (no git or DVC repository yet: callers init what they need)."""
@@ -96,6 +104,6 @@ def copy_tiny_project(root: Path) -> Path:
         shutil.copy(ROOT / name, root / name)
     for name in ("pipeline", "src", "data/embedded", "models/weights", "models/recipes"):
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = _merged(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PIPELINE)
+    params = shipped_params(TINY_PIPELINE)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

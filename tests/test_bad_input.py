@@ -1,19 +1,22 @@
 """Bad input to a stage: a clear message naming the key or file, exit code 2 (1 for a run that
 diverged), before any compute, and nothing written. Each case runs the real stage script in a
-tiny copy of the project whose data is prepared and whose other outputs do not exist yet."""
+tiny copy of the project whose data is prepared and whose other outputs do not exist yet (in a
+forked process: see `stage`; two cases start a fresh interpreter, as DVC does)."""
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import copy_tiny_project
+from conftest import ROOT, copy_tiny_project
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +35,67 @@ def project(prepared_project, tmp_path):
     return root
 
 
-def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None):
-    """Run pipeline/<name>.py in `root`, with params.yaml edited by `edit(params)` first."""
+def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None,
+          fresh_interpreter: bool = False):
+    """Run pipeline/<name>.py in `root`, with params.yaml edited by `edit(params)` first.
+
+    The stage runs in a child process forked from this one (torch, timm and MLflow already
+    imported, the project's own modules imported afresh from `root`), with its own working
+    directory, arguments, environment, exit code and output: the stage as `python
+    pipeline/<name>.py` runs it, without paying the interpreter's start each time.
+    `fresh_interpreter` starts a real `python` instead (for what needs one: sitecustomize)."""
     if edit is not None:
         params = yaml.safe_load((root / "params.yaml").read_text())
         edit(params)
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                **(env or {})}
-    return subprocess.run([sys.executable, f"pipeline/{name}.py", *args], cwd=root, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    argv = [f"pipeline/{name}.py", *args]
+    if fresh_interpreter:
+        return subprocess.run([sys.executable, *argv], cwd=root, env=environ,
+                              capture_output=True, text=True, timeout=300)
+    out, err = root / f".stage-{name}.out", root / f".stage-{name}.err"
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        _run_forked(root, argv, environ, out, err)
+    _, status = os.waitpid(pid, 0)
+    proc = subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status),
+                                       out.read_text(), err.read_text())
+    out.unlink()
+    err.unlink()
+    return proc
+
+
+def _run_forked(root: Path, argv: list[str], environ: dict, out: Path, err: Path) -> None:
+    code = 1
+    try:
+        os.chdir(root)
+        os.environ.clear()
+        os.environ.update(environ)
+        for stream, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), stream)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        pipeline = str(ROOT / "pipeline")
+        for module in [m for m, mod in sys.modules.items()
+                       if (getattr(mod, "__file__", None) or "").startswith(pipeline)]:
+            del sys.modules[module]  # the stage imports its plumbing from `root`
+        sys.path[:] = [str(root / "pipeline")] + [p for p in sys.path if p != pipeline]
+        sys.argv = argv
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            if isinstance(exc.code, int) or exc.code is None:
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def refused(proc, message: str, code: int = 2) -> None:
@@ -99,7 +153,8 @@ def test_asking_for_cuda_without_a_gpu_stops_before_mlflow_and_compute(project):
 
 
 def test_a_diverging_training_fails_and_saves_nothing(project):
-    proc = stage(project, "pretrain", edit=section("pretrain", lr=1e30, grad_clip=None))
+    proc = stage(project, "pretrain", edit=section("pretrain", lr=1e30, grad_clip=None),
+                 fresh_interpreter=True)
     refused(proc, "pretrain: the training loss became", code=1)
     assert "lower the learning rate" in proc.stderr
     assert not (project / "models/pretrain").exists()
@@ -115,7 +170,7 @@ def test_evaluate_refuses_a_bad_device(project, edit, message):
 
 
 def test_an_unknown_run_is_refused(project):
-    refused(stage(project, "evaluate", "--run", "nope"),
+    refused(stage(project, "evaluate", "--run", "nope", fresh_interpreter=True),
             "finetune.runs has no entry 'nope' (known: seq, ls, ls1)")
 
 
@@ -168,7 +223,7 @@ def test_mlflow_failing_mid_stage_is_a_warning_and_the_outputs_are_written(proje
         "    raise ConnectionError('tracking server went away')\n"
         "mlflow.log_metrics = gone\n")
     proc = stage(project, "prepare", edit=section("data", val_fraction=0.3),
-                 env={"PYTHONPATH": str(hooks)})
+                 env={"PYTHONPATH": str(hooks)}, fresh_interpreter=True)
     assert proc.returncode == 0, proc.stderr
     assert "prepare: MLflow stopped answering (ConnectionError: tracking server went away)" in \
         proc.stderr

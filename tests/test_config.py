@@ -2,18 +2,22 @@
 import pytest
 import yaml
 
-from anyorder.config import ConfigError, Settings, load_settings, settings_from_dict
+from anyorder.config import MergeModel, Settings, load_settings, settings_from_dict
+from anyorder.model.settings import FinetuneRun
+from anyorder.settings import ConfigError
+from conftest import shipped_params
 
 
 def test_the_project_params_file_is_valid():
     load_settings("params.yaml")  # raises ConfigError naming the key otherwise
 
 
-def test_defaults_and_types_are_parsed():
-    settings = settings_from_dict({"pretrain": {"lr": "1e-3"}, "report": {"baseline": "a"},
-                                   "finetune": {"runs": {"a": {"variant": "ls_pos", "seed": 3},
-                                                         "b": {"variant": "ls_pred",
-                                                               "position_loss_weight": 0.5}}}})
+def test_types_and_knob_defaults_are_parsed():
+    settings = settings_from_dict(shipped_params({
+        "pretrain": {"lr": "1e-3"}, "report": {"baseline": "a"},
+        "finetune": {"runs": {"a": {"variant": "ls_pos", "seed": 3},
+                              "b": {"variant": "ls_pred", "seed": 0,
+                                    "position_loss_weight": 0.5}}}}))
     assert settings.pretrain.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
     assert settings.finetune.runs["a"].variant == "ls_pos"
     assert isinstance(settings, Settings)
@@ -26,9 +30,10 @@ def test_defaults_and_types_are_parsed():
 
 
 def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
-    settings = settings_from_dict({"report": {"baseline": "seq"}, "finetune": {
-        "epochs": 8, "lr": 1e-3, "runs": {"seq": {"variant": "sequential"},
-                                          "ls": {"variant": "ls", "epochs": 16, "lr": 2e-3}}}})
+    settings = settings_from_dict(shipped_params({"report": {"baseline": "seq"}, "finetune": {
+        "epochs": 8, "lr": 1e-3, "runs": {"seq": {"variant": "sequential", "seed": 0},
+                                          "ls": {"variant": "ls", "seed": 0, "epochs": 16,
+                                                 "lr": 2e-3}}}}))
     shared, runs = settings.finetune, settings.finetune.runs
     assert (runs["seq"].training(shared).epochs, runs["seq"].training(shared).lr) == (8, 1e-3)
     own = runs["ls"].training(shared)
@@ -39,7 +44,7 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
 @pytest.mark.parametrize("raw,key,fragment", [
     ({"model": {"depht": 4}}, "model.depht", "unknown key"),
     ({"report": {"baseline": "base"}}, "report.baseline",
-     "must name a run of finetune.runs (sequential, ls)"),
+     "must name a run of finetune.runs (sequential, ls_s0, ls_s1"),
     ({"data": {"split": "official_test"}}, "data.split", "must be one of"),
     ({"colour": 1}, "colour", "unknown key"),
     ({"finetune": {"runs": {"x": {"variant": "ls", "sead": 1}}}}, "finetune.runs.x.sead",
@@ -49,7 +54,7 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
     ({"pretrain": {"lr": "fast"}}, "pretrain.lr", "must be a number"),
     ({"pretrain": {"epochs": True}}, "pretrain.epochs", "must be an integer"),
     ({"data": {"source": "mnist"}}, "data.source", "must be one of"),
-    ({"finetune": {"runs": {"x": {"variant": "shuffle"}}}}, "finetune.runs.x.variant",
+    ({"finetune": {"runs": {"x": {"variant": "shuffle", "seed": 0}}}}, "finetune.runs.x.variant",
      "must be one of"),
     ({"model": {"depth": 0}}, "model.depth", "must be >= 1"),
     ({"pretrain": {"lr": -0.1}}, "pretrain.lr", "must be > 0"),
@@ -67,23 +72,26 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
     ({"evaluate": {"device": "cuda:x"}}, "evaluate.device", "must be auto, cpu, cuda or cuda:N"),
     ({"pretrain": {"device": "CUDA"}}, "pretrain.device", "must be auto, cpu, cuda or cuda:N"),
     ({"pretrain": {"order_sampling": "sample"}}, "pretrain.order_sampling", "unknown key"),
-    ({"finetune": {"runs": {"s": {"variant": "sequential", "order_sampling": "sample"}}}},
+    ({"finetune": {"runs": {"s": {"variant": "sequential", "seed": 0,
+                                  "order_sampling": "sample"}}}},
      "finetune.runs.s.order_sampling", "has no effect for variant sequential"),
-    ({"finetune": {"runs": {"s": {"variant": "ls", "position_loss_weight": 2.0}}}},
+    ({"finetune": {"runs": {"s": {"variant": "ls", "seed": 0, "position_loss_weight": 2.0}}}},
      "finetune.runs.s.position_loss_weight", "has no effect for variant ls"),
-    ({"finetune": {"runs": {"s": {"variant": "ls_pred", "position_loss_weight": -1}}}},
+    ({"finetune": {"runs": {"s": {"variant": "ls_pred", "seed": 0,
+                                  "position_loss_weight": -1}}}},
      "finetune.runs.s.position_loss_weight", "must be >= 0"),
-    ({"finetune": {"runs": {"s": {"variant": "ls_pos", "position_embedding_dim": 0}}}},
+    ({"finetune": {"runs": {"s": {"variant": "ls_pos", "seed": 0,
+                                  "position_embedding_dim": 0}}}},
      "finetune.runs.s.position_embedding_dim", "must be >= 1"),
     ({"evaluate": {"num_orders": 0}}, "evaluate.num_orders", "must be >= 1"),
-    ({"finetune": {"runs": {"s": {"variant": "ls", "epochs": 0}}}}, "finetune.runs.s.epochs",
-     "must be >= 1"),
-    ({"finetune": {"runs": {"s": {"variant": "ls", "lr": 0}}}}, "finetune.runs.s.lr",
+    ({"finetune": {"runs": {"s": {"variant": "ls", "seed": 0, "epochs": 0}}}},
+     "finetune.runs.s.epochs", "must be >= 1"),
+    ({"finetune": {"runs": {"s": {"variant": "ls", "seed": 0, "lr": 0}}}}, "finetune.runs.s.lr",
      "must be > 0"),
-    ({"finetune": {"warmup_epochs": 3, "runs": {"s": {"variant": "ls", "epochs": 2}}}},
+    ({"finetune": {"warmup_epochs": 3, "runs": {"s": {"variant": "ls", "seed": 0, "epochs": 2}}}},
      "finetune.runs.s.epochs", "must be > finetune.warmup_epochs"),
-    ({"pretrain": {"warmup_epochs": 50}}, "pretrain.warmup_epochs", "must be in [0, epochs"),
-    ({"finetune": {"runs": {"a/b": {"variant": "ls"}}}}, "finetune.runs.a/b",
+    ({"pretrain": {"warmup_epochs": 100}}, "pretrain.warmup_epochs", "must be in [0, epochs"),
+    ({"finetune": {"runs": {"a/b": {"variant": "ls", "seed": 0}}}}, "finetune.runs.a/b",
      "names may hold only letters"),
     ({"export": {"opset": 21}}, "export.opset", "must be in 14..20"),
     ({"export": {"models": {"x y": {"model": "m", "metrics": "n"}}}}, "export.models.x y",
@@ -99,7 +107,7 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
 ])
 def test_bad_settings_name_the_key(raw, key, fragment):
     with pytest.raises(ConfigError) as info:
-        settings_from_dict(raw)
+        settings_from_dict(shipped_params(raw))
     message = str(info.value)
     assert message.startswith(key + ":"), message
     assert fragment in message, message
@@ -107,7 +115,7 @@ def test_bad_settings_name_the_key(raw, key, fragment):
 
 def test_load_settings_names_the_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"depth": -1}}))
+    path.write_text(yaml.safe_dump(shipped_params({"model": {"depth": -1}})))
     with pytest.raises(ConfigError, match=r"params.yaml: model.depth: must be >= 1"):
         load_settings(path)
     with pytest.raises(ConfigError, match="no such parameters file"):
@@ -120,18 +128,61 @@ def test_load_settings_names_the_file(tmp_path):
 def test_yaml_infinity_and_nan_are_refused(tmp_path):
     """`lr: .inf` in YAML is a float, and trained to NaN while the stage reported success."""
     path = tmp_path / "params.yaml"
-    for text, key in (("pretrain: {lr: .inf}", "pretrain.lr"),
-                      ("finetune: {weight_decay: .inf}", "finetune.weight_decay"),
-                      ("model: {mlp_ratio: .nan}", "model.mlp_ratio")):
+    for edit, key, literal in (({"pretrain": {"lr": float("inf")}}, "pretrain.lr", ".inf"),
+                               ({"finetune": {"weight_decay": float("inf")}},
+                                "finetune.weight_decay", ".inf"),
+                               ({"model": {"mlp_ratio": float("nan")}}, "model.mlp_ratio", ".nan")):
+        text = yaml.safe_dump(shipped_params(edit))
+        assert f"{key.split('.')[1]}: {literal}" in text  # YAML's own spelling of inf / nan
         path.write_text(text)
         with pytest.raises(ConfigError, match=rf"{key}: must be a finite number"):
             load_settings(path)
 
 
 def test_overrides_are_validated_like_the_file():
-    settings = settings_from_dict({}, {"model.depth": 3, "finetune.epochs": 2})
+    settings = settings_from_dict(shipped_params(), {"model.depth": 3, "finetune.epochs": 2})
     assert settings.model.depth == 3 and settings.finetune.epochs == 2
     with pytest.raises(ConfigError, match="model.depth: must be >= 1"):
-        settings_from_dict({}, {"model.depth": 0})
+        settings_from_dict(shipped_params(), {"model.depth": 0})
     with pytest.raises(ConfigError, match="model.nope: unknown key"):
-        settings_from_dict({}, {"model.nope": 1})
+        settings_from_dict(shipped_params(), {"model.nope": 1})
+
+
+def _leaves(tree: dict, path: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + (key,))
+        else:
+            yield path + (key,)
+
+
+@pytest.mark.parametrize("path", list(_leaves(shipped_params())), ids=".".join)
+def test_every_key_of_the_shipped_params_must_be_set(path):
+    """params.yaml is the one source of the pipeline's values: leaving a key out is refused,
+    naming it, except a run's knobs (left out: the variant's default)."""
+    raw = shipped_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    del node[path[-1]]
+    key = ".".join(path)
+    if path[:2] == ("finetune", "runs") and path[-1] in FinetuneRun.OPTIONAL_KEYS:
+        settings_from_dict(raw)
+        return
+    with pytest.raises(ConfigError) as info:
+        settings_from_dict(raw)
+    message = str(info.value)
+    assert message.startswith(key + ":"), message
+    if path[:2] == ("merge", "models") and path[-1] in MergeModel.OPTIONAL_KEYS:
+        assert "needs at least two model directories" in message  # a generator without sources
+    else:
+        assert "params.yaml must set it" in message, message
+
+
+def test_a_missing_section_is_refused_naming_it(tmp_path):
+    raw = shipped_params()
+    del raw["compute"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"params.yaml: compute: missing; params.yaml must set"):
+        load_settings(path)

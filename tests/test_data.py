@@ -8,10 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from anyorder.data import prepare as data
-from anyorder.data.prepare import DataError
+from anyorder.data.images import DataError, resize_images
+from anyorder.data.prepared import load_meta, load_split
+from anyorder.data.sources import SOURCES, load_source
+from anyorder.data.splits import stratified_split
 
 EMBEDDED = Path(__file__).resolve().parents[1] / "data" / "embedded" / "digits.npz"
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -112,15 +115,15 @@ def _leftovers(parent: Path) -> list[str]:
 
 def test_every_source_the_settings_accept_has_a_loader():
     import typing
-    from anyorder.config import DataConfig
+    from anyorder.data.settings import DataConfig
     accepted = typing.get_args(typing.get_type_hints(DataConfig)["source"])
-    assert set(accepted) == set(data.SOURCES)
+    assert set(accepted) == set(SOURCES)
 
 
 def test_embedded_default_is_scikit_learns_digits():
     """The file the default pipeline reads is the data set it says it is (no silent edits)."""
     from sklearn.datasets import load_digits
-    raw = data.load_source("npz", str(EMBEDDED), 8)
+    raw = load_source("npz", str(EMBEDDED), 8)
     bunch = load_digits()
     assert raw.images.shape == (1797, 8, 8, 3) and raw.images.dtype == np.uint8
     assert np.array_equal(raw.labels, bunch.target)
@@ -132,7 +135,7 @@ def test_embedded_default_is_scikit_learns_digits():
 @pytest.mark.parametrize("use_parent", [False, True])
 def test_cifar10(cifar10_dir: Path, use_parent: bool):
     path = cifar10_dir.parent if use_parent else cifar10_dir
-    raw = data.load_source("cifar10", str(path), 32)
+    raw = load_source("cifar10", str(path), 32)
     assert raw.images.shape == (24, 32, 32, 3) and raw.images.dtype == np.uint8
     assert raw.labels.dtype == np.int64
     assert raw.labels.tolist() == [i % 10 for i in range(24)]
@@ -150,7 +153,7 @@ def test_cifar10(cifar10_dir: Path, use_parent: bool):
 @pytest.mark.parametrize("use_parent", [False, True])
 def test_cifar100(cifar100_dir: Path, use_parent: bool):
     path = cifar100_dir.parent if use_parent else cifar100_dir
-    raw = data.load_source("cifar100", str(path), 32)
+    raw = load_source("cifar100", str(path), 32)
     assert raw.images.shape == (110, 32, 32, 3)
     assert raw.labels.tolist() == list(range(100)) + list(range(10))
     assert raw.class_names == [f"fine{i}" for i in range(100)]
@@ -160,7 +163,7 @@ def test_cifar100(cifar100_dir: Path, use_parent: bool):
 def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
     (cifar10_dir / "data_batch_3").unlink()
     with pytest.raises(DataError) as info:
-        data.load_source("cifar10", str(cifar10_dir.parent), 32)
+        load_source("cifar10", str(cifar10_dir.parent), 32)
     message = str(info.value)
     assert "cifar-10-batches-py" in message and "data_batch_3" in message
     assert "batches.meta" in message  # the full list of expected files
@@ -169,11 +172,11 @@ def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
 def test_cifar_corrupt_pickle_names_file(cifar100_dir: Path):
     (cifar100_dir / "test").write_bytes(b"garbage, not a pickle")
     with pytest.raises(DataError, match="test"):
-        data.load_source("cifar100", str(cifar100_dir), 32)
+        load_source("cifar100", str(cifar100_dir), 32)
 
 
 def test_imagefolder(image_folder: Path):
-    raw = data.load_source("imagefolder", str(image_folder), 12)
+    raw = load_source("imagefolder", str(image_folder), 12)
     assert raw.class_names == ["cat", "dog"]
     assert raw.labels.tolist() == [0, 0, 1, 1]
     # Every image is resized to the target size as it is read, whatever its own size.
@@ -187,7 +190,7 @@ def test_imagefolder(image_folder: Path):
 
 
 def test_cifar_keeps_its_official_test_set(cifar10_dir: Path, tmp_path: Path):
-    raw = data.load_source("cifar10", str(cifar10_dir), 32)
+    raw = load_source("cifar10", str(cifar10_dir), 32)
     assert raw.official["test"].tolist() == list(range(20, 24))   # test_batch, last
     # The fixture's 2 images per class are too few to carve val from: 5 batches of 16 instead
     # (classes 0-5: 10 training images each, 6-9: 5).
@@ -196,7 +199,7 @@ def test_cifar_keeps_its_official_test_set(cifar10_dir: Path, tmp_path: Path):
         _pickle(cifar10_dir / f"data_batch_{b}", {b"labels": [i % 10 for i in range(16)],
                                                   b"data": rows})
     meta = data.prepare_dataset("cifar10", str(cifar10_dir), 32, 0.25, 0.2, 0, tmp_path / "p")
-    test_x, test_y = data.load_split(tmp_path / "p", "test")
+    test_x, test_y = load_split(tmp_path / "p", "test")
     with open(cifar10_dir / "test_batch", "rb") as f:
         official = pickle.load(f, encoding="bytes")
     assert np.array_equal(test_x, official[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
@@ -220,20 +223,20 @@ def test_an_imagefolder_with_train_and_test_folders_keeps_them(tmp_path: Path):
                 Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(
                     root / split / name / f"{i}.png")
     meta = data.prepare_dataset("imagefolder", str(root), 8, 0.34, 0.2, 0, tmp_path / "p")
-    test_x, test_y = data.load_split(tmp_path / "p", "test")
+    test_x, test_y = load_split(tmp_path / "p", "test")
     assert meta["class_names"] == ["ant", "bee"] and meta["counts"]["test"] == 4
     assert (test_x >= 100).all() and sorted(test_y.tolist()) == [0, 0, 1, 1]
-    assert (data.load_split(tmp_path / "p", "train")[0] < 100).all()
+    assert (load_split(tmp_path / "p", "train")[0] < 100).all()
     (root / "test" / "bee").rename(root / "test" / "wasp")
     with pytest.raises(DataError, match="not in train/: wasp; missing: bee"):
-        data.load_source("imagefolder", str(root), 8)
+        load_source("imagefolder", str(root), 8)
 
 
 def test_npz_gray_with_class_names(tmp_path: Path):
     x = np.arange(4 * 6 * 6, dtype=np.uint8).reshape(4, 6, 6)
     file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 2, 1]),
                       class_names=np.array(["ant", "bee", "cow"]))
-    raw = data.load_source("npz", file, 6)
+    raw = load_source("npz", file, 6)
     assert raw.images.shape == (4, 6, 6, 3)
     assert all(np.array_equal(raw.images[..., c], x) for c in range(3))
     assert raw.labels.dtype == np.int64 and raw.labels.tolist() == [0, 1, 2, 1]
@@ -243,14 +246,14 @@ def test_npz_gray_with_class_names(tmp_path: Path):
 def test_npz_rgb_without_class_names(tmp_path: Path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     file = _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1, 3, 2, 1], dtype=np.int32))
-    raw = data.load_source("npz", file, 4)
+    raw = load_source("npz", file, 4)
     assert np.array_equal(raw.images, x)
     assert raw.class_names == ["0", "1", "2", "3"]
 
 
 def test_npz_single_channel(tmp_path: Path):
     x = np.full((2, 3, 3, 1), 7, np.uint8)
-    raw = data.load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])), 5)
+    raw = load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])), 5)
     assert raw.images.shape == (2, 5, 5, 3) and (raw.images == 7).all()  # resized to 5x5
 
 
@@ -260,16 +263,16 @@ def test_npz_single_channel(tmp_path: Path):
 
 def test_resize_images():
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
-    out = data.resize_images(images, 16)
+    out = resize_images(images, 16)
     assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
     expected = np.asarray(Image.fromarray(images[1]).resize((16, 16), Image.BILINEAR))
     assert np.array_equal(out[1], expected)
-    assert data.resize_images(out, 16) is out  # already that size: no copy of a whole data set
+    assert resize_images(out, 16) is out  # already that size: no copy of a whole data set
 
 
 def test_stratified_split_properties():
     labels = np.repeat(np.arange(4), [20, 40, 60, 100])
-    splits = data.stratified_split(labels, 0.2, 0.25, seed=3)
+    splits = stratified_split(labels, 0.2, 0.25, seed=3)
     assert set(splits) == {"train", "val", "test"}
     joined = np.concatenate(list(splits.values()))
     assert len(joined) == len(labels) and set(joined.tolist()) == set(range(len(labels)))
@@ -283,16 +286,16 @@ def test_stratified_split_properties():
 
 def test_stratified_split_seeded():
     labels = np.repeat(np.arange(3), 30)
-    a = data.stratified_split(labels, 0.2, 0.2, seed=0)
-    b = data.stratified_split(labels, 0.2, 0.2, seed=0)
-    c = data.stratified_split(labels, 0.2, 0.2, seed=1)
+    a = stratified_split(labels, 0.2, 0.2, seed=0)
+    b = stratified_split(labels, 0.2, 0.2, seed=0)
+    c = stratified_split(labels, 0.2, 0.2, seed=1)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["test"], c["test"])
 
 
 def test_stratified_split_small_class_gets_one_each():
     labels = np.array([0, 0, 0] + [1] * 10)
-    splits = data.stratified_split(labels, 0.1, 0.1, seed=0)
+    splits = stratified_split(labels, 0.1, 0.1, seed=0)
     for index in splits.values():
         assert (labels[index] == 0).sum() == 1
 
@@ -303,7 +306,7 @@ def test_too_few_images_per_class(count: int):
     # n_val = 1 and so no training image.
     labels = np.array([0] * 20 + [1] * count)
     with pytest.raises(DataError) as info:
-        data.stratified_split(labels, 0.45, 0.5, seed=0, class_names=["big", "tiny"])
+        stratified_split(labels, 0.45, 0.5, seed=0, class_names=["big", "tiny"])
     assert "'tiny'" in str(info.value) and f"only {count} image" in str(info.value)
 
 
@@ -325,7 +328,7 @@ def test_prepare_digits(tmp_path: Path):
     meta = data.prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 7, out)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz",
                                                      "val.npz"]
-    assert data.load_meta(out) == meta
+    assert load_meta(out) == meta
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["source"] == "npz" and meta["path"] == str(EMBEDDED)
     assert meta["image_size"] == 16 and meta["num_classes"] == 10
@@ -333,11 +336,11 @@ def test_prepare_digits(tmp_path: Path):
     assert meta["split_seed"] == 7 and meta["val_fraction"] == 0.15
     assert meta["test_fraction"] == 0.2
     assert sum(meta["counts"].values()) == 1797
-    raw = data.load_source("npz", str(EMBEDDED), 8)
-    resized = data.resize_images(raw.images, 16)
+    raw = load_source("npz", str(EMBEDDED), 8)
+    resized = resize_images(raw.images, 16)
     seen = []
     for split in ("train", "val", "test"):
-        x, y = data.load_split(out, split)
+        x, y = load_split(out, split)
         assert x.shape == (meta["counts"][split], 16, 16, 3) and x.dtype == np.uint8
         assert y.dtype == np.int64
         assert np.bincount(y, minlength=10).tolist() == meta["class_counts"][split]
@@ -368,13 +371,13 @@ def test_prepare_npz_and_rerun_replaces(tmp_path: Path):
     assert meta["path"] == file and meta["class_names"] == ["c0", "c1", "c2"]
     assert meta["counts"] == {"train": 18, "val": 6, "test": 6}
     assert meta["class_counts"] == {"train": [6, 6, 6], "val": [2, 2, 2], "test": [2, 2, 2]}
-    x, y = data.load_split(out, "val")
+    x, y = load_split(out, "val")
     assert x.shape == (6, 8, 8, 3) and y.tolist() == [0, 0, 1, 1, 2, 2]
     # A second run with other settings replaces the whole directory.
     (out / "stale.txt").write_text("from an older run")
     data.prepare_dataset("npz", file, 4, 0.2, 0.2, 1, out)
     assert not (out / "stale.txt").exists()
-    assert data.load_split(out, "train")[0].shape[1:] == (4, 4, 3)
+    assert load_split(out, "train")[0].shape[1:] == (4, 4, 3)
     assert _leftovers(out.parent) == []
 
 
@@ -434,10 +437,10 @@ def test_prepare_refuses_foreign_directory(tmp_path: Path):
 
 def test_load_split_missing_says_run_prepare(tmp_path: Path):
     with pytest.raises(DataError, match="prepare") as info:
-        data.load_split(tmp_path / "nothing", "train")
+        load_split(tmp_path / "nothing", "train")
     assert "train.npz" in str(info.value)
     with pytest.raises(DataError, match="meta.json"):
-        data.load_meta(tmp_path / "nothing")
+        load_meta(tmp_path / "nothing")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,50 +449,50 @@ def test_load_split_missing_says_run_prepare(tmp_path: Path):
 
 def test_unknown_source_lists_known():
     with pytest.raises(DataError) as info:
-        data.load_source("mnist", None, 8)
+        load_source("mnist", None, 8)
     message = str(info.value)
     assert "mnist" in message
-    assert all(name in message for name in data.SOURCES)
+    assert all(name in message for name in SOURCES)
 
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100", "imagefolder", "npz"])
 def test_missing_path(tmp_path: Path, source: str):
     missing = tmp_path / "does_not_exist"
     with pytest.raises(DataError, match="does_not_exist"):
-        data.load_source(source, str(missing), 8)
+        load_source(source, str(missing), 8)
 
 
 @pytest.mark.parametrize("source", ["cifar10", "cifar100", "imagefolder", "npz"])
 def test_path_not_set(source: str):
     with pytest.raises(DataError, match="needs a path"):
-        data.load_source(source, None, 8)
+        load_source(source, None, 8)
 
 
 def test_imagefolder_empty_class(image_folder: Path):
     (image_folder / "emu").mkdir()
     (image_folder / "emu" / "readme.txt").write_text("no pictures yet")
     with pytest.raises(DataError, match="class folder 'emu' has no images"):
-        data.load_source("imagefolder", str(image_folder), 8)
+        load_source("imagefolder", str(image_folder), 8)
 
 
 def test_imagefolder_no_class_folders(tmp_path: Path):
     (tmp_path / "flat").mkdir()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "flat" / "a.png")
     with pytest.raises(DataError, match="flat.*no class sub-folders"):
-        data.load_source("imagefolder", str(tmp_path / "flat"), 8)
+        load_source("imagefolder", str(tmp_path / "flat"), 8)
 
 
 def test_imagefolder_not_a_directory(tmp_path: Path):
     file = tmp_path / "a_file.png"
     file.write_bytes(b"x")
     with pytest.raises(DataError, match="a_file.png"):
-        data.load_source("imagefolder", str(file), 8)
+        load_source("imagefolder", str(file), 8)
 
 
 def test_imagefolder_unreadable_image(image_folder: Path):
     (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG this is not really a png")
     with pytest.raises(DataError, match="broken.png"):
-        data.load_source("imagefolder", str(image_folder), 8)
+        load_source("imagefolder", str(image_folder), 8)
 
 
 def test_imagefolder_unreadable_subfolder_is_named_and_nothing_written(image_folder: Path,
@@ -524,16 +527,16 @@ def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path, mo
             photo = rng.integers(0, 256, (900, 1200, 3), dtype=np.uint8)
             Image.fromarray(photo).save(tmp_path / "big" / name / f"{i}.jpg", quality=80)
     decoded = []  # the size each photo is decoded at, before the final resize
-    real_transpose = data.ImageOps.exif_transpose
+    real_transpose = ImageOps.exif_transpose
 
     def record(image, *args, **kwargs):
         decoded.append(image.size)
         return real_transpose(image, *args, **kwargs)
 
-    monkeypatch.setattr(data.ImageOps, "exif_transpose", record)
+    monkeypatch.setattr(ImageOps, "exif_transpose", record)
     tracemalloc.start()
     try:
-        raw = data.load_source("imagefolder", str(tmp_path / "big"), 16)
+        raw = load_source("imagefolder", str(tmp_path / "big"), 16)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -555,42 +558,42 @@ def test_npz_label_out_of_range(tmp_path: Path):
     file = _write_npz(tmp_path / "bad_labels.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0, 1, 5]), class_names=np.array(["a", "b"]))
     with pytest.raises(DataError, match=r"bad_labels\.npz.*label 5"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 def test_npz_negative_label(tmp_path: Path):
     file = _write_npz(tmp_path / "neg.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0, -2, 1]))
     with pytest.raises(DataError, match=r"neg\.npz.*label -2"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 def test_npz_length_mismatch(tmp_path: Path):
     file = _write_npz(tmp_path / "mismatch.npz", x=np.zeros((5, 4, 4), np.uint8),
                       y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"mismatch\.npz.*5 images.*3 labels"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 def test_npz_wrong_dtype(tmp_path: Path):
     file = _write_npz(tmp_path / "floaty.npz", x=np.zeros((3, 4, 4, 3), np.float32),
                       y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"floaty\.npz.*float32.*astype\(np\.uint8\)"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 def test_npz_float_labels(tmp_path: Path):
     file = _write_npz(tmp_path / "flabels.npz", x=np.zeros((3, 4, 4), np.uint8),
                       y=np.array([0.0, 1.0, 0.0]))
     with pytest.raises(DataError, match=r"flabels\.npz.*integer"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (3, 4, 4, 2), (3, 4, 4, 3, 1)])
 def test_npz_wrong_shape(tmp_path: Path, shape):
     file = _write_npz(tmp_path / "shape.npz", x=np.zeros(shape, np.uint8), y=np.array([0, 1, 0]))
     with pytest.raises(DataError, match=r"shape\.npz"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 @pytest.mark.parametrize("missing", ["x", "y"])
@@ -599,14 +602,14 @@ def test_npz_missing_key(tmp_path: Path, missing: str):
     del arrays[missing]
     file = _write_npz(tmp_path / "partial.npz", **arrays)
     with pytest.raises(DataError, match=rf"partial\.npz.*missing array '{missing}'"):
-        data.load_source("npz", file, 8)
+        load_source("npz", file, 8)
 
 
 def test_npz_not_an_archive(tmp_path: Path):
     file = tmp_path / "junk.npz"
     file.write_bytes(b"definitely not a zip")
     with pytest.raises(DataError, match=r"junk\.npz"):
-        data.load_source("npz", str(file), 8)
+        load_source("npz", str(file), 8)
 
 
 def test_npz_empty_class_named(tmp_path: Path):
@@ -619,4 +622,4 @@ def test_npz_empty_class_named(tmp_path: Path):
 @pytest.mark.parametrize("val, test", [(0.0, 0.2), (0.2, 1.0), (0.5, 0.5)])
 def test_bad_fractions(val: float, test: float):
     with pytest.raises(DataError, match="fraction"):
-        data.stratified_split(np.repeat(np.arange(2), 10), val, test, seed=0)
+        stratified_split(np.repeat(np.arange(2), 10), val, test, seed=0)

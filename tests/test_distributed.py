@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anyorder.config import TrainConfig
+from anyorder.training.settings import TrainConfig
 from anyorder.training.distributed import Dist
 from anyorder.training.loop import train_and_save
 
@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[4])  # the tests folder, for conftest's tiny model
     from conftest import tiny_model
-    from anyorder.config import TrainConfig
+    from anyorder.training.settings import TrainConfig
     from anyorder.training.loop import train_and_save
 
     steps = [0]
@@ -145,7 +145,8 @@ def test_threads_apply_to_torch_and_to_onnx_runtime_sessions(monkeypatch):
 
 
 def test_nproc_needs_a_global_batch_every_process_can_share():
-    from anyorder.config import ConfigError, load_settings
+    from anyorder.config import load_settings
+    from anyorder.settings import ConfigError
 
     with pytest.raises(ConfigError, match=r"finetune.batch_size: must be >= nproc \(4\)"):
         load_settings(ROOT / "params.yaml", {"finetune.nproc": 4, "finetune.batch_size": 2})

@@ -1,7 +1,7 @@
 """The Prefect flow over the DVC pipeline (pipeline/flow.py).
 
-Fast tests run the flow on toy DVC projects made in tmp_path (stages are tiny python scripts);
-the slow one runs it on a copy of the real project with a tiny params.yaml. One Prefect test
+Tests run the flow on toy DVC projects made in tmp_path (stages are tiny python scripts); the
+flow over the real pipeline runs in test_pipeline.py, on its reproduced tiny project. One Prefect test
 harness (a temporary SQLite server, ~15 s to start) is shared by the whole session.
 """
 from __future__ import annotations
@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import yaml
 import dvc_graph  # pipeline/ is on sys.path, and the quiet environment applied (conftest)
 import flow as pflow
 import workspace
-from anyorder.config import ConfigError
-from conftest import ROOT, copy_tiny_project
+from anyorder.settings import ConfigError
+from conftest import ROOT, shipped_params
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -44,18 +43,11 @@ if attempts == 1:
     sys.exit("transient failure on attempt 1")
 open(sys.argv[1], "w").write("ok")
 """
-PARAMS = textwrap.dedent("""\
-    # toy parameters (the real schema, small values)
-    pretrain:
-      epochs: 1
-    finetune:
-      epochs: 1
-      runs:
-        a: {variant: ls, seed: 0}
-        b: {variant: sequential, seed: 1}
-    report:
-      baseline: b
-    """)
+PARAMS = "# toy parameters (the shipped ones, two toy runs of one epoch)\n" + yaml.safe_dump(
+    shipped_params({"pretrain": {"epochs": 1, "warmup_epochs": 0},
+                    "finetune": {"epochs": 1, "runs": {"a": {"variant": "ls", "seed": 0},
+                                                       "b": {"variant": "sequential", "seed": 1}}},
+                    "report": {"baseline": "b"}}), sort_keys=False)
 SLEEPER = """\
 import os, sys, time
 open(sys.argv[1], "w").write(str(os.getpid()))
@@ -116,16 +108,24 @@ def run_flow(root: Path, **params):
     return pflow.pipeline_flow(project_dir=str(root), return_state=True, **params)
 
 
-def task_runs(state, artifacts: bool = False) -> dict:
-    """Task runs of a flow run by name (or its artifacts by key), read back from the API."""
+def task_runs(state, artifacts: bool = False, expect: frozenset = frozenset()) -> dict:
+    """Task runs of a flow run by name (or its artifacts by key), read back from the API.
+
+    The server records task runs from the events the flow run sends, in the background: with
+    `expect`, wait (up to 60 s) until those names have all been recorded."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-    with get_client(sync_client=True) as client:
-        if artifacts:
-            return {a.key: a for a in client.read_artifacts(flow_run_filter=this_run)}
-        return {run.name: run for run in client.read_task_runs(flow_run_filter=this_run)}
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            if artifacts:
+                return {a.key: a for a in client.read_artifacts(flow_run_filter=this_run)}
+            runs = {run.name: run for run in client.read_task_runs(flow_run_filter=this_run)}
+        if expect <= set(runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
 
 
 def task_edges(runs: dict, stages: set[str]) -> set[tuple[str, str]]:
@@ -288,59 +288,6 @@ def test_failing_stage_fails_the_flow_and_leaves_no_output(harness, tmp_path):
     assert "after" not in runs  # downstream never started
     assert not (root / "half.txt").exists() and not (root / "after.txt").exists()
     assert (root / "data.txt").exists()  # the finished upstream stage keeps its output
-
-
-@pytest.mark.slow
-def test_flow_runs_the_real_pipeline_end_to_end(harness, tmp_path, monkeypatch):
-    """A copy of this project with tiny params: DVC outputs, a DVC experiment, MLflow runs
-    carrying the flow run id, and Prefect's task graph equal to DVC's."""
-    root = copy_tiny_project(tmp_path / "project")
-    _git(root, "init", "-q")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
-    _git(root, "add", "-A")
-    _git(root, "commit", "-qm", "tiny copy")
-    tracking = f"sqlite:///{root / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # never the developer's store
-
-    state = run_flow(root, set_params=["evaluate.num_orders=2"])
-    assert state.is_completed(), state.message
-    result = state.result()
-    flow_run_id = str(state.state_details.flow_run_id)
-
-    # DVC: every output of every stage, nothing left to reproduce, the override, the experiment
-    from dvc.repo import Repo
-    with Repo(str(root)) as repo:
-        outs = [Path(out.fs_path) for stage in repo.index.stages for out in stage.outs]
-    assert outs and all(path.exists() for path in outs), [p for p in outs if not p.exists()]
-    # params.yaml is back as committed; the next plain run redoes what the override touched
-    assert yaml.safe_load((root / "params.yaml").read_text())["evaluate"]["num_orders"] == 3
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root,
-                            capture_output=True, text=True, check=True)
-    assert set(json.loads(status.stdout)) == {"evaluate@seq", "evaluate@ls", "evaluate@ls1",
-                                              "merge@frank"}
-    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
-                          capture_output=True, text=True, check=True).stdout.split()
-    assert result["experiment"] in exps
-
-    # Prefect: one task per DVC stage, with DVC's edges; the MLflow artifact
-    nodes, edges = dvc_edges(root)
-    runs = task_runs(state)
-    assert nodes <= set(runs) and task_edges(runs, nodes) == edges
-    assert {"finetune@seq", "finetune@ls", "evaluate@seq", "evaluate@ls"} <= nodes
-    assert flow_run_id in task_runs(state, artifacts=True)["mlflow-runs"].data
-
-    # MLflow: one run per stage tagged with the flow run id and the DVC experiment
-    import mlflow
-    client = mlflow.MlflowClient(tracking)
-    mlflow_runs = client.search_runs(
-        [e.experiment_id for e in client.search_experiments()],
-        f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    stage_runs = {r.data.tags.get("anyorder.stage"): r for r in mlflow_runs
-                  if r.data.tags.get("anyorder.role") == "stage"}
-    assert set(stage_runs) == nodes
-    assert {r.info.run_id for r in mlflow_runs} == set(result["mlflow_runs"])
-    assert all(r.data.tags["dvc.experiment"] == result["experiment"] for r in mlflow_runs)
-    assert all(r.data.tags["anyorder.pipeline_run_id"] == flow_run_id for r in mlflow_runs)
 
 
 def test_a_second_flow_run_in_the_same_workspace_is_refused(harness, tmp_path):

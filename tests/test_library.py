@@ -31,10 +31,13 @@ ISOLATED = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from anyorder.model.checkpoint import load_model
-    from anyorder.config import ModelConfig, TrainConfig
-    from anyorder.data.prepare import load_meta, load_split, prepare_dataset
+    from anyorder.model.settings import ModelConfig
+    from anyorder.training.settings import TrainConfig
+    from anyorder.data.prepare import prepare_dataset
+    from anyorder.data.prepared import load_meta, load_split
     from anyorder.evaluation.accuracy import evaluate_orders
-    from anyorder.model.vit import build_model, model_spec
+    from anyorder.model.spec import model_spec
+    from anyorder.model.vit import build_model
     from anyorder.training.loop import train_and_save
     work = tempfile.mkdtemp()
     prepare_dataset("npz", __DATA__, 16, 0.15, 0.2, 0, work + "/prepared")
@@ -46,7 +49,7 @@ ISOLATED = textwrap.dedent("""
                    work + "/model")
     result = evaluate_orders(load_model(work + "/model"), *load_split(work + "/prepared", "test"),
                              num_orders=2, seed=0)
-    assert 0.0 <= result["arbitrary"]["mean"] <= 1.0
+    assert result["arbitrary"]["count"] == 2 == len(result["order_accuracies"])
     # ...and exports, and the runtime runs the export (onnx and onnxruntime, no exporter extras).
     from anyorder.export.blocks import check_export, export_model
     from anyorder.export.runtime import BlockRuntime

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anyorder.model.vit import VARIANTS, ModelSettingsError, build_model
+from anyorder.model.spec import ModelSettingsError
+from anyorder.model.vit import VARIANTS, build_model
 
 from conftest import tiny_model, tiny_spec
 
@@ -217,8 +218,8 @@ NAMES = [str(i) for i in range(10)]
 
 
 def test_null_overrides_take_timms_values_and_are_still_checked():
-    from anyorder.config import ModelConfig
-    from anyorder.model.vit import model_spec
+    from anyorder.model.settings import ModelConfig
+    from anyorder.model.spec import model_spec
     timm_values = ModelConfig(patch_size=None, embed_dim=None, depth=None, num_heads=None,
                               mlp_ratio=None)
     spec = model_spec(timm_values, 32, NAMES)
@@ -235,8 +236,8 @@ def test_null_overrides_take_timms_values_and_are_still_checked():
 
 
 def test_a_typo_in_the_architecture_suggests_the_real_name():
-    from anyorder.config import ModelConfig
-    from anyorder.model.vit import model_spec
+    from anyorder.model.settings import ModelConfig
+    from anyorder.model.spec import model_spec
     with pytest.raises(ModelSettingsError, match="did you mean vit_tiny_patch16_224"):
         model_spec(ModelConfig(arch="vit_tiny_patch16_244"), 32, NAMES)
 
@@ -253,7 +254,7 @@ def test_timm_weights_without_cache_or_hub_fail_in_seconds(monkeypatch, tmp_path
     """timm itself retries the hub for about a minute, then fails with a long traceback."""
     import time
     from huggingface_hub import constants
-    from anyorder.model.vit import architecture_defaults
+    from anyorder.model.spec import architecture_defaults
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))       # nothing cached
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
     monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")     # nothing listens there

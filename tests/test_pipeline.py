@@ -1,7 +1,8 @@
 """The DVC pipeline end to end on a tiny configuration, in throw-away copies of the project.
 
-One module fixture runs `dvc repro` once; tests that only read use it as is, tests that change
-anything work on their own copy (`clone`), so no test depends on another having run.
+One module fixture runs `dvc repro` once (the only full reproduction in the suite); tests that
+only read use it as is, tests that change anything work on their own copy (`clone`), so no test
+depends on another having run. The Prefect flow over the real pipeline runs here too, on a clone.
 """
 import json
 import os
@@ -16,6 +17,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, copy_tiny_project
+from test_flow import dvc_edges, harness, run_flow, task_edges, task_runs  # noqa: F401
 
 BIN = Path(sys.executable).parent
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -123,7 +125,7 @@ def test_repro_writes_every_output(project):
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     versions = client.search_model_versions("name='anyorder-vit'")
     assert [v.version for v in versions] == [1] and not versions[0].aliases
-    assert versions[0].tags["anyorder.evaluation.gates"].startswith("failed: ")
+    assert versions[0].tags["anyorder.gates"].startswith("failed: ")
     # Robustness: every fine-tuned model and every nullspace arm, LS ones in random orders too.
     corrupted = json.loads((root / "data/corrupted/manifest.json").read_text())
     assert corrupted["names"] == ["gaussian_noise", "fog"] and corrupted["severities"] == [1, 5]
@@ -137,7 +139,8 @@ def test_repro_writes_every_output(project):
         assert exact["nullspace"]["dimension"] == 48 - 16  # 3x4x4 inputs, width 16
         assert exact["sequential"]["predictions_changed"] == 0
     arm = json.loads((root / "models/nullspace/seq_null/model.json").read_text())["training"]
-    assert arm["nullspace"]["noise"] == "nullspace" and arm["final"]["noise_norm"] > 0
+    assert arm["nullspace"]["noise"] == "nullspace" and arm["final"]["noise_converged"]
+    assert arm["final"]["noise_distance"] < arm["nullspace"]["synthesis"]["epsilon"]
     table = json.loads((root / "metrics/robustness_summary.json").read_text())
     assert table["baseline"] == "seq" and set(table["models"]) == {"seq", "ls", "ls1", "seq_null",
                                                                     "ls_plain"}
@@ -192,15 +195,20 @@ def test_stage_runs_are_grouped_in_mlflow(project):
 
 
 @pytest.mark.slow
-def test_forced_rerun_changes_no_tracked_file(project, clone):
-    """Same inputs, same bytes: no timings or zip timestamps in anything DVC or git tracks."""
+def test_forced_rerun_changes_no_tracked_file(clone):
+    """Same inputs, same bytes: no timings or zip timestamps in anything DVC or git tracks. The
+    stages forced cover every kind of output: prepared data, training (a plain and a LayerDrop
+    run: histories, orders, checkpoints), corrupted sets, an export, the report and its plots."""
     root, env = clone
     before = snapshot(root)
-    forced = dvc(root, env, "repro", "--force")
-    assert stages_that_ran(forced.stdout) >= {"prepare", "pretrain", "report"}
+    forced = dvc(root, env, "repro", "--force", "--single-item", "prepare", "pretrain",
+                 "finetune@ls1", "corrupt", "export@ls_best", "report")
+    assert stages_that_ran(forced.stdout) == {"prepare", "pretrain", "finetune@ls1", "corrupt",
+                                              "export@ls_best", "report"}
     after = snapshot(root)
     assert after.keys() == before.keys()
     assert [name for name in before if before[name] != after[name]] == []
+    assert changed_stages(root, env) == set()  # the DVC-cached outputs hash the same too
 
 
 @pytest.mark.slow
@@ -257,18 +265,57 @@ def test_replacing_the_data_reruns_prepare_and_what_follows(clone):
 @pytest.mark.slow
 def test_dvc_exp_run_with_overrides_reruns_only_the_affected_stages(clone):
     root, env = clone
-    exp = dvc(root, env, "exp", "run", "-S", "evaluate.num_orders=5")
-    # New evaluations: the selection copies one, so export and register follow.
-    assert stages_that_ran(exp.stdout) == {"evaluate@seq", "evaluate@ls", "evaluate@ls1",
-                                           "merge@frank", "report", "select",
-                                           "export@ls_best", "register", "nullspace@ls_plain"}
-    metrics = json.loads((root / "metrics/evaluate/ls.json").read_text())
-    assert metrics["arbitrary"]["count"] == 5
+    exp = dvc(root, env, "exp", "run", "-S", "report.baseline=ls")
+    assert stages_that_ran(exp.stdout) == {"report"}
+    assert json.loads((root / "metrics/summary.json").read_text())["baseline_run"] == "ls"
     shown = json.loads(dvc(root, env, "exp", "show", "--json").stdout)
     experiments = [exp for commit in shown for exp in commit.get("experiments") or []]
-    recorded = [run["revs"][0]["data"]["params"]["params.yaml"]["data"]["evaluate"]["num_orders"]
+    recorded = [run["revs"][0]["data"]["params"]["params.yaml"]["data"]["report"]["baseline"]
                 for run in experiments]
-    assert recorded == [5]  # the experiment is recorded with the value it ran with
+    assert recorded == ["ls"]  # the experiment is recorded with the value it ran with
+
+
+@pytest.mark.slow
+def test_the_prefect_flow_runs_the_pipeline_as_a_dvc_experiment(harness, clone, monkeypatch):
+    """The flow on the reproduced project with an override: one Prefect task per DVC stage with
+    DVC's edges, the stages the override touches rerun, a DVC experiment, params.yaml put back,
+    and MLflow runs carrying the flow run id."""
+    root, _ = clone
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # the clone's store, nobody else's
+    state = run_flow(root, set_params=["report.baseline=ls"])
+    assert state.is_completed(), state.message
+    result = state.result()
+    flow_run_id = str(state.state_details.flow_run_id)
+
+    # DVC: the override ran and was saved as an experiment; params.yaml is back as committed,
+    # so the next plain run redoes what the override touched
+    assert json.loads((root / "metrics/summary.json").read_text())["baseline_run"] == "ls"
+    assert yaml.safe_load((root / "params.yaml").read_text())["report"]["baseline"] == "seq"
+    assert changed_stages(root, environment(root)) == {"report"}
+    exps = subprocess.run([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], cwd=root,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert result["experiment"] in exps
+
+    # Prefect: one task per DVC stage, with DVC's edges; the MLflow artifact
+    nodes, edges = dvc_edges(root)
+    runs = task_runs(state, expect=frozenset(nodes))
+    assert nodes <= set(runs) and task_edges(runs, nodes) == edges
+    assert {"finetune@seq", "finetune@ls", "evaluate@seq", "report"} <= nodes
+    assert flow_run_id in task_runs(state, artifacts=True)["mlflow-runs"].data
+
+    # MLflow: the stage that ran, tagged with the flow run id and the DVC experiment
+    import mlflow
+    client = mlflow.MlflowClient(tracking)
+    mlflow_runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    stage_runs = {r.data.tags.get("anyorder.stage") for r in mlflow_runs
+                  if r.data.tags.get("anyorder.role") == "stage"}
+    assert stage_runs == {"report"}
+    assert {r.info.run_id for r in mlflow_runs} == set(result["mlflow_runs"])
+    assert all(r.data.tags["dvc.experiment"] == result["experiment"] for r in mlflow_runs)
+    assert all(r.data.tags["anyorder.pipeline_run_id"] == flow_run_id for r in mlflow_runs)
 
 
 def test_project_root_sees_through_dvc_temporary_experiments():

@@ -14,10 +14,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from anyorder.config import Gates
+from anyorder.evaluation.gates import Gates, check_gates
 from anyorder.export.blocks import export_model
-from anyorder.evaluation.gates import check_gates
-from anyorder.export.runtime import BlockRuntime, ExportError, resolve_source
+from anyorder.export.runtime import BlockRuntime, ExportError
+from anyorder.export.sources import resolve_source
 from register import register_export
 
 from conftest import tiny_model
@@ -61,9 +61,9 @@ def test_a_failed_gate_registers_but_leaves_the_alias(registry):
         "min_arbitrary_accuracy: 0.5 is not >= 0.9"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     tags = client.get_model_version(NAME, "2").tags
-    assert tags["anyorder.evaluation.gates"].startswith("failed: min_arbitrary_accuracy")
+    assert tags["anyorder.gates"].startswith("failed: min_arbitrary_accuracy")
     assert tags["git.commit"] == "abc" and tags["metric.min_arbitrary_accuracy"] == "0.5"
-    assert client.get_model_version(NAME, "1").tags["anyorder.evaluation.gates"] == "passed"
+    assert client.get_model_version(NAME, "1").tags["anyorder.gates"] == "passed"
 
 
 def test_the_logged_model_has_a_signature_with_the_runtime_params(registry):

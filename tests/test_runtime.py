@@ -15,7 +15,8 @@ from anyorder.export import runtime as runtime_module
 from anyorder.export.blocks import export_model
 from anyorder.files import sha256_file
 from anyorder.pyfunc import AnyOrderModel
-from anyorder.export.runtime import (BlockRuntime, ExportError, MissingBlocksError, Policy, main,
+from anyorder.export.cli import main
+from anyorder.export.runtime import (BlockRuntime, ExportError, MissingBlocksError, Policy,
                               read_manifest)
 
 from conftest import tiny_model

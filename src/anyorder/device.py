@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from anyorder.config import ConfigError, check_device
+from anyorder.settings import ConfigError, check_device
 
 
 def resolve_device(name: str = "auto", key: str = "device") -> torch.device:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from anyorder.export.runtime import BlockRuntime, find_export, parse_indices
+from anyorder.export.runtime import BlockRuntime, parse_indices
+from anyorder.export.sources import find_export
 
 # name -> (MLflow param type, default); `register` turns these into the model's ParamSchema.
 PARAMS = {"order": ("string", "sequential"), "seed": ("long", 0), "policy": ("string", "skip"),

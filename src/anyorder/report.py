@@ -248,34 +248,76 @@ def _table(head: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: Optional[dict],
-                    robustness_md: str, figures: dict[str, str]) -> str:
-    """The pipeline's report page: every model's headline numbers and the plots, as Markdown
-    with the PNGs beside it (`figures`: name -> path relative to the page)."""
+def _quarter_pruned(pruning: list[dict]) -> dict:
+    """Per model: the fraction of its unpruned mean kept with a quarter of its blocks removed."""
     quarter = {}
     for model in {r["model"] for r in pruning}:
         depth = max(r["blocks_run"] for r in pruning if r["model"] == model)
         quarter[model] = kept_at(pruning, model, depth - depth // 4)
-    parts = ["# anyorder pipeline report\n",
-             "Written by the `report` stage from the metrics of this run (test split unless a "
-             "column says otherwise). Random orders: the evaluate stage's seeded orders. "
-             "Pruned by 1/4: mean accuracy with a quarter of the blocks removed (random subsets; "
-             "random orders for LayerShuffle models), as a fraction of the unpruned mean.\n",
-             "## Models\n",
-             f"Baseline: `{summary['baseline_run']}` (report.baseline), "
-             f"{summary['baseline_fine_tune_epochs']} fine-tune epochs. The difference column is "
-             f"a model's mean over the random orders minus the baseline's sequential accuracy, in "
-             f"points, with a 95% bootstrap interval over test images and orders. A model "
-             f"trained for another number of epochs than the baseline is marked *.\n",
-             _table(["model", "variant", "blocks", "fine-tune epochs", "sequential",
-                     "random orders: mean", "worst", "random orders - baseline (points)",
-                     "pruned by 1/4 keeps"],
-                    [[name, row["variant"], str(row.get("depth", "")),
-                      f"{row.get('fine_tune_epochs', '')}{'' if row['equal_budget'] else ' *'}",
-                      row["sequential"], row["arbitrary_mean"], row["arbitrary_min"],
-                      interval_text(row.get("arbitrary_minus_baseline_sequential")),
-                      quarter.get(name)]
-                     for name, row in summary["runs"].items()])]
+    return quarter
+
+
+def _models_section(summary: dict, pruning: list[dict]) -> list[str]:
+    """The page's title, its introduction and the table of every model's headline numbers."""
+    quarter = _quarter_pruned(pruning)
+    return ["# anyorder pipeline report\n",
+            "Written by the `report` stage from the metrics of this run (test split unless a "
+            "column says otherwise). Random orders: the evaluate stage's seeded orders. "
+            "Pruned by 1/4: mean accuracy with a quarter of the blocks removed (random subsets; "
+            "random orders for LayerShuffle models), as a fraction of the unpruned mean.\n",
+            "## Models\n",
+            f"Baseline: `{summary['baseline_run']}` (report.baseline), "
+            f"{summary['baseline_fine_tune_epochs']} fine-tune epochs. The difference column is "
+            f"a model's mean over the random orders minus the baseline's sequential accuracy, in "
+            f"points, with a 95% bootstrap interval over test images and orders. A model "
+            f"trained for another number of epochs than the baseline is marked *.\n",
+            _table(["model", "variant", "blocks", "fine-tune epochs", "sequential",
+                    "random orders: mean", "worst", "random orders - baseline (points)",
+                    "pruned by 1/4 keeps"],
+                   [[name, row["variant"], str(row.get("depth", "")),
+                     f"{row.get('fine_tune_epochs', '')}{'' if row['equal_budget'] else ' *'}",
+                     row["sequential"], row["arbitrary_mean"], row["arbitrary_min"],
+                     interval_text(row.get("arbitrary_minus_baseline_sequential")),
+                     quarter.get(name)]
+                    for name, row in summary["runs"].items()])]
+
+
+def _merges_section(merges: dict) -> list[str]:
+    """The Frankenstein merges: validation and test against their sources, and each recipe."""
+    return ["\n## Frankenstein merges\n",
+            _table(["merged", "generator", "val: merged", "val: best source",
+                    "test: merged mean", "test: sources' mean",
+                    "difference (points, 95% interval)", "recipe (slot: source:block)"],
+                   [[name, m["generator"], m["val_merged"], m["val_best_source"],
+                     m["test_merged_mean"], m.get("test_sources_mean"),
+                     interval_text(m.get("test_merged_minus_sources")) or
+                     m.get("test_merged_minus_sources_points"), " ".join(m["slots"])]
+                    for name, m in merges.items()])]
+
+
+def _analysis_section(analysis: dict, figures: dict[str, str]) -> list[str]:
+    """Per model: the slot whose skipping costs most and least, the slot separation, and the
+    analysis plots."""
+    parts = ["\n## Analysis: blocks and the slot they run at\n",
+             _table(["model", "variant", "largest drop when one slot is skipped (points)",
+                     "at slot", "smallest", "slot separation of a block's output"],
+                    [[name, a["variant"],
+                      100 * max(a["slot_contribution"]["drop_per_slot"]),
+                      str(int(max(range(len(a["slot_contribution"]["drop_per_slot"])),
+                                  key=a["slot_contribution"]["drop_per_slot"].__getitem__))),
+                      100 * min(a["slot_contribution"]["drop_per_slot"]),
+                      a["projection"]["slot_separation"]]
+                     for name, a in analysis["models"].items()])]
+    parts += [f"\n![{name}]({path})\n" for name, path in figures.items()
+              if name.startswith(("slot_", "projection"))]
+    return parts
+
+
+def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: Optional[dict],
+                    robustness_md: str, figures: dict[str, str]) -> str:
+    """The pipeline's report page: every model's headline numbers and the plots, as Markdown
+    with the PNGs beside it (`figures`: name -> path relative to the page)."""
+    parts = _models_section(summary, pruning)
     if "orders" in figures:
         parts += ["\n## Accuracy per order\n", f"![accuracy per order]({figures['orders']})\n"]
     parts += ["\n## Pruning\n", "Accuracy against the number of blocks run: LayerShuffle models "
@@ -284,30 +326,11 @@ def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: 
     if "pruning" in figures:
         parts.append(f"![pruning]({figures['pruning']})\n")
     if merges:
-        parts += ["\n## Frankenstein merges\n",
-                  _table(["merged", "generator", "val: merged", "val: best source",
-                          "test: merged mean", "test: sources' mean",
-                          "difference (points, 95% interval)", "recipe (slot: source:block)"],
-                         [[name, m["generator"], m["val_merged"], m["val_best_source"],
-                           m["test_merged_mean"], m.get("test_sources_mean"),
-                           interval_text(m.get("test_merged_minus_sources")) or
-                           m.get("test_merged_minus_sources_points"), " ".join(m["slots"])]
-                          for name, m in merges.items()])]
+        parts += _merges_section(merges)
     parts += ["\n## Robustness\n", robustness_md]
     for name in ("severity", "adversarial"):
         if name in figures:
             parts.append(f"\n![{name}]({figures[name]})\n")
     if analysis:
-        parts += ["\n## Analysis: blocks and the slot they run at\n",
-                  _table(["model", "variant", "largest drop when one slot is skipped (points)",
-                          "at slot", "smallest", "slot separation of a block's output"],
-                         [[name, a["variant"],
-                           100 * max(a["slot_contribution"]["drop_per_slot"]),
-                           str(int(max(range(len(a["slot_contribution"]["drop_per_slot"])),
-                                       key=a["slot_contribution"]["drop_per_slot"].__getitem__))),
-                           100 * min(a["slot_contribution"]["drop_per_slot"]),
-                           a["projection"]["slot_separation"]]
-                          for name, a in analysis["models"].items()])]
-        parts += [f"\n![{name}]({path})\n" for name, path in figures.items()
-                  if name.startswith(("slot_", "projection"))]
+        parts += _analysis_section(analysis, figures)
     return "\n".join(parts)

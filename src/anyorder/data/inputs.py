@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from anyorder.model.vit import ModelSpec
+from anyorder.model.spec import ModelSpec
 
 
 def to_model_input(images: np.ndarray | torch.Tensor, spec: ModelSpec,

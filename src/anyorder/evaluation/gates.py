@@ -2,7 +2,24 @@
 export measured up. Plain Python: the numbers come from the export's manifest and check."""
 from __future__ import annotations
 
-from anyorder.config import Gates
+from dataclasses import dataclass
+
+from anyorder.settings import Section, require
+
+
+@dataclass(frozen=True)
+class Gates(Section):
+    """Quality gates: the registry alias moves only to a version that passes all of them."""
+    min_sequential_accuracy: float = 0.0
+    min_arbitrary_accuracy: float = 0.9   # mean test accuracy over the evaluated random orders
+    max_export_error: float = 1e-4        # worst |ONNX - PyTorch| of logits found by the export
+
+    def check(self, key: str) -> None:
+        for name in ("min_sequential_accuracy", "min_arbitrary_accuracy"):
+            require(0.0 <= getattr(self, name) <= 1.0, f"{key}.{name}", "must be in [0, 1]",
+                    getattr(self, name))
+        require(self.max_export_error > 0, f"{key}.max_export_error", "must be > 0",
+                self.max_export_error)
 
 
 def check_gates(gates: Gates, manifest: dict, export_check: dict) -> dict:

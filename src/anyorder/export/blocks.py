@@ -127,6 +127,80 @@ def _check_graph(path: Path, opset: int) -> None:
         raise RuntimeError(f"{path}: opset {versions}, expected {opset}")
 
 
+def _export_graphs(model: AnyOrderViT, out: Path, opset: int) -> torch.Tensor:
+    """`stem.onnx`, one `block_XX.onnx` per block and `head.onnx` of `model` into `out`, each
+    checked by `_check_graph`; returns the stem's tokens of the traced images."""
+    size = model.spec.img_size
+    images = torch.zeros(2, 3, size, size)
+    tokens = model.forward_stem(images)
+    _export_graph(_Part(model, "forward_stem"), (images,), out / STEM, ["images"], "tokens",
+                  opset)
+    slotted = model.variant == "ls_pos"
+    for index in range(model.depth):
+        args = (tokens, torch.tensor([0], dtype=torch.long)) if slotted else (tokens,)
+        _export_graph(_Block(model, index), args, out / block_file(index),
+                      ["tokens", "slot"] if slotted else ["tokens"], "tokens_out", opset)
+    _export_graph(_Part(model, "forward_head"), (tokens,), out / HEAD, ["tokens"], "logits",
+                  opset)
+    files = [STEM, *(block_file(i) for i in range(model.depth)), HEAD]
+    for file in files:
+        _check_graph(out / file, opset)
+    return tokens
+
+
+def _manifest(model: AnyOrderViT, out: Path, name: str, tokens: torch.Tensor, opset: int,
+              accuracies: Optional[dict], extra: Optional[dict]) -> dict:
+    """The manifest of the graphs written to `out` (see the module docstring); `tokens`: the
+    stem's output, whose shape gives the token count and width."""
+    import onnx
+    import onnxruntime
+    import timm
+
+    spec = model.spec
+    return {
+        "format": FORMAT,
+        "name": name,
+        "version": tensors_digest(model.state_dict())[:16],
+        "variant": model.variant,
+        "arch": spec.arch,
+        "depth": model.depth,
+        "embed_dim": int(tokens.shape[-1]),
+        "num_tokens": int(tokens.shape[1]),
+        "num_classes": spec.num_classes,
+        "class_names": list(spec.class_names),
+        "image_size": spec.img_size,
+        "channels": 3,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "input": "float32 (N, 3, H, W), RGB scaled to [0, 1] then (x - mean) / std",
+        "slot_input": model.variant == "ls_pos",
+        "opset": opset,
+        "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "torch": torch.__version__.split("+")[0], "timm": timm.__version__},
+        "graphs": {
+            "stem": {"file": STEM, "sha256": sha256_file(out / STEM)},
+            "blocks": [{"index": i, "file": block_file(i),
+                        "sha256": sha256_file(out / block_file(i))}
+                       for i in range(model.depth)],
+            "head": {"file": HEAD, "sha256": sha256_file(out / HEAD)},
+        },
+        "accuracy": accuracies or {},
+        **(extra or {}),
+    }
+
+
+def _copy_checkpoint(checkpoint_dir: Union[str, Path], out: Path) -> dict:
+    """The files of `checkpoint_dir` copied into `out/checkpoint`; returns the manifest's
+    "checkpoint" entry (the folder and each file's sha256)."""
+    (out / "checkpoint").mkdir()
+    copied = {}
+    for file in sorted(Path(checkpoint_dir).iterdir()):
+        if file.is_file():
+            shutil.copy2(file, out / "checkpoint" / file.name)
+            copied[file.name] = sha256_file(file)
+    return {"dir": "checkpoint", "sha256": copied}
+
+
 def export_model(model: AnyOrderViT, out_dir: Union[str, Path], name: str, opset: int = 17,
                  accuracies: Optional[dict] = None, extra: Optional[dict] = None,
                  checkpoint_dir: Optional[Union[str, Path]] = None) -> dict:
@@ -135,65 +209,11 @@ def export_model(model: AnyOrderViT, out_dir: Union[str, Path], name: str, opset
     `checkpoint_dir`: the model directory the model was loaded from; its files are copied into
     `checkpoint/`, so the export carries the PyTorch weights it was made from. The version is a
     digest of the weights, so the same model always exports the same files."""
-    import onnx
-    import onnxruntime
-    import timm
-
-    spec = model.spec
-    size = spec.img_size
     with atomic_directory(out_dir) as tmp, _exportable(model):
-        images = torch.zeros(2, 3, size, size)
-        tokens = model.forward_stem(images)
-        _export_graph(_Part(model, "forward_stem"), (images,), tmp / STEM, ["images"], "tokens",
-                      opset)
-        slotted = model.variant == "ls_pos"
-        for index in range(model.depth):
-            args = (tokens, torch.tensor([0], dtype=torch.long)) if slotted else (tokens,)
-            _export_graph(_Block(model, index), args, tmp / block_file(index),
-                          ["tokens", "slot"] if slotted else ["tokens"], "tokens_out", opset)
-        _export_graph(_Part(model, "forward_head"), (tokens,), tmp / HEAD, ["tokens"], "logits",
-                      opset)
-        files = [STEM, *(block_file(i) for i in range(model.depth)), HEAD]
-        for file in files:
-            _check_graph(tmp / file, opset)
-        manifest = {
-            "format": FORMAT,
-            "name": name,
-            "version": tensors_digest(model.state_dict())[:16],
-            "variant": model.variant,
-            "arch": spec.arch,
-            "depth": model.depth,
-            "embed_dim": int(tokens.shape[-1]),
-            "num_tokens": int(tokens.shape[1]),
-            "num_classes": spec.num_classes,
-            "class_names": list(spec.class_names),
-            "image_size": size,
-            "channels": 3,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "input": "float32 (N, 3, H, W), RGB scaled to [0, 1] then (x - mean) / std",
-            "slot_input": slotted,
-            "opset": opset,
-            "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                         "torch": torch.__version__.split("+")[0], "timm": timm.__version__},
-            "graphs": {
-                "stem": {"file": STEM, "sha256": sha256_file(tmp / STEM)},
-                "blocks": [{"index": i, "file": block_file(i),
-                            "sha256": sha256_file(tmp / block_file(i))}
-                           for i in range(model.depth)],
-                "head": {"file": HEAD, "sha256": sha256_file(tmp / HEAD)},
-            },
-            "accuracy": accuracies or {},
-            **(extra or {}),
-        }
+        tokens = _export_graphs(model, tmp, opset)
+        manifest = _manifest(model, tmp, name, tokens, opset, accuracies, extra)
         if checkpoint_dir is not None:
-            (tmp / "checkpoint").mkdir()
-            copied = {}
-            for file in sorted(Path(checkpoint_dir).iterdir()):
-                if file.is_file():
-                    shutil.copy2(file, tmp / "checkpoint" / file.name)
-                    copied[file.name] = sha256_file(file)
-            manifest["checkpoint"] = {"dir": "checkpoint", "sha256": copied}
+            manifest["checkpoint"] = _copy_checkpoint(checkpoint_dir, tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
 

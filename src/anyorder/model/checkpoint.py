@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from anyorder.errors import InputError
 from anyorder.files import atomic_save_tensors, atomic_write_json
-from anyorder.model.vit import AnyOrderViT, ModelSpec, build_model
+from anyorder.model.spec import ModelSpec
+from anyorder.model.vit import AnyOrderViT, build_model
 
 WEIGHTS = "model.safetensors"
 SPEC = "model.json"

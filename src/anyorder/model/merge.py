@@ -29,7 +29,8 @@ import yaml
 from anyorder.errors import InputError
 from anyorder.evaluation.accuracy import accuracy_for_orders
 from anyorder.files import atomic_write_bytes
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT, ModelSpec, build_model
+from anyorder.model.spec import ModelSpec
+from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT, build_model
 from anyorder.evaluation.orders import generator_for, random_orders
 
 # What sources must agree on to exchange blocks (drop_path_rate is a training setting).

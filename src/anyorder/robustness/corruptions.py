@@ -28,15 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-SEVERITIES = (1, 2, 3, 4, 5)
-FAMILIES = {
-    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
-    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
-    "weather": ("snow", "frost", "fog", "brightness"),
-    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
-}
-CORRUPTIONS = tuple(name for names in FAMILIES.values() for name in names)
-FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
+from anyorder.robustness.corruption_names import CORRUPTIONS, SEVERITIES
 
 
 # -- tensor helpers (float images in [0, 1], (N, 3, H, W)) -----------------------------------------

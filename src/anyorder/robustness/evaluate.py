@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from anyorder.robustness.attacks import PixelModel, attack
-from anyorder.config import RobustnessConfig
-from anyorder.robustness.corruptions import FAMILY_OF
+from anyorder.robustness.corruption_names import FAMILY_OF
 from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
-from anyorder.robustness.nullspace import (SynthesisSettings, exact_noise_like, exact_nullspace, invariance,
-                        synthesize_noise)
+from anyorder.robustness.nullspace import (exact_noise_like, exact_nullspace, invariance,
+                                           synthesize_noise)
+from anyorder.robustness.settings import RobustnessConfig, SynthesisConfig
 from anyorder.evaluation.orders import STREAM_VALIDATION, generator_for, random_orders
 from anyorder.data.inputs import to_model_input
 
@@ -157,7 +157,7 @@ def adversarial_accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndar
 
 def nullspace_invariance(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray,
                          train_images: np.ndarray, cfg: RobustnessConfig,
-                         synthesis: SynthesisSettings, modes: dict[str, Groups],
+                         synthesis: SynthesisConfig, modes: dict[str, Groups],
                          device: torch.device) -> dict:
     """Exact nullspace noise as large as each image, and synthesised approximate-nullspace noise
     (from the training split, never the test split): accuracy and relative logit change."""
@@ -196,7 +196,7 @@ def evaluation_subset(num_images: int, size: Optional[int], seed: int) -> np.nda
 
 def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray,
                         corrupted: dict[str, np.ndarray], train_images: np.ndarray,
-                        cfg: RobustnessConfig, synthesis: SynthesisSettings,
+                        cfg: RobustnessConfig, synthesis: SynthesisConfig,
                         device: torch.device | str = "cpu") -> dict:
     """Everything above for one model on the test split (`corrupted[name]`: (severities, N, H, W,
     3) uint8 in the order of cfg.corruptions.severities). "outcomes" holds, per mode, each

@@ -25,6 +25,7 @@ import torch
 from anyorder.errors import RunFailed
 from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
 from anyorder.data.inputs import to_model_input
+from anyorder.robustness.settings import SynthesisConfig
 
 NOISE_KINDS = ("nullspace", "random", "none")
 
@@ -102,21 +103,6 @@ def exact_noise_like(images: torch.Tensor, nullspace: ExactNullspace, patch_size
 
 # -- approximate (encoder-level) nullspace noise -------------------------------------------------
 
-@dataclass(frozen=True)
-class SynthesisSettings:
-    """The synthesis of one approximate-nullspace noise (spec section 2); see SynthesisConfig in
-    config.py for the keys. The optimiser is AdamW on the noise alone."""
-    lim: float = 3.0               # start: Uniform(-lim, lim) elementwise (published: 3)
-    lr: float = 0.1                # AdamW's learning rate (published: 0.1)
-    weight_decay: float = 0.0      # AdamW's weight decay on the noise (0: decay would shrink it)
-    epsilon: float = 0.01          # stop once mean squared L2 distance of softmax outputs < this
-    steps: int = 2000              # budget: optimiser steps at most
-    batch_size: int = 64           # training images per step, drawn at random from the split
-    check_images: int = 512        # training images the stop is confirmed on (all, if fewer)
-    log_norm_weight: float = 0.0   # lambda of the optional -lambda * log ||v|| term (code: 0)
-    require_convergence: bool = False  # fine-tuning: a synthesis that misses epsilon is an error
-
-
 class SynthesisNotConverged(RunFailed):
     """A synthesis used its whole step budget without reaching epsilon (require_convergence)."""
 
@@ -193,7 +179,7 @@ class _CheckSet:
         return total / self.count
 
 
-def synthesize_noise(model: AnyOrderViT, images: np.ndarray, settings: SynthesisSettings,
+def synthesize_noise(model: AnyOrderViT, images: np.ndarray, settings: SynthesisConfig,
                      generator: torch.Generator, device: torch.device | str = "cpu",
                      shuffled: Optional[bool] = None) -> SynthesisResult:
     """One approximate-nullspace noise tensor for `model` from uint8 training images (N,H,W,3).
@@ -257,7 +243,7 @@ def random_noise_like(noise: torch.Tensor, generator: torch.Generator) -> torch.
     return (random * (noise.norm().cpu() / random.norm())).to(noise)
 
 
-def epoch_noise(kind: str, settings: SynthesisSettings, images: np.ndarray,
+def epoch_noise(kind: str, settings: SynthesisConfig, images: np.ndarray,
                 device: torch.device | str = "cpu"
                 ) -> Optional[Callable[[AnyOrderViT, torch.Generator], tuple]]:
     """The per-epoch noise of a fine-tuning arm, for `train_model(epoch_noise=...)`:

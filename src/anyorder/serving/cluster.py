@@ -17,7 +17,8 @@ import tempfile
 import threading
 from typing import Optional, Sequence
 
-from anyorder.export.runtime import ExportError, read_manifest, resolve_source
+from anyorder.export.runtime import ExportError, read_manifest
+from anyorder.export.sources import resolve_source
 
 CHAOS_FLAGS = ("fail_rate", "delay_ms", "crash_after", "garbage_rate")
 

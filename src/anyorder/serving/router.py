@@ -28,7 +28,6 @@ loopback), and aiohttp is the faster mature asyncio client (bench/serving_bench.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import numpy as np
 from anyorder.export.runtime import BlockRuntime, ExportError, MissingBlocksError, Policy, read_manifest
 from anyorder.serving import protocol
 from anyorder.serving.worker import block_index, block_name
+from anyorder.serving.worker_registry import Worker, WorkerRegistry
 
 DYNAMIC_ORDERS = ("any", "fastest")
 SELECTIONS = ("random", "fastest")
@@ -57,122 +57,6 @@ class HopError(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class Worker:
-    url: str
-    blocks: frozenset
-    announced: bool                      # heartbeats (True) or listed in the config (False)
-    expires_at: float = math.inf         # announced: last heartbeat + its TTL
-    banned_until: float = 0.0            # > now: banned; <= now but banned: waits for a probe
-    banned: bool = False
-    failures: int = 0                    # consecutive failures (the backoff's exponent)
-    latency_s: Optional[float] = None    # moving average of successful hops
-    hops: int = 0
-    failed_hops: int = 0
-    last_error: str = ""
-
-    def usable(self, now: float) -> bool:
-        return not self.banned and now < self.expires_at
-
-    def view(self, now: float) -> dict:
-        state = "live" if self.usable(now) else ("banned" if self.banned else "expired")
-        return {"url": self.url, "blocks": sorted(self.blocks), "state": state,
-                "announced": self.announced, "failures": self.failures,
-                "banned_for_s": round(max(0.0, self.banned_until - now), 3) if self.banned else 0,
-                "latency_ms": None if self.latency_s is None else round(self.latency_s * 1e3, 3),
-                "hops": self.hops, "failed_hops": self.failed_hops, "last_error": self.last_error}
-
-
-class WorkerRegistry:
-    """Who hosts which block, who is banned until when, and how fast each worker answers."""
-
-    def __init__(self, depth: int, ban_base_s: float = 0.5, ban_max_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.depth = depth
-        self.ban_base_s = ban_base_s
-        self.ban_max_s = ban_max_s
-        self.clock = clock
-        self.workers: dict[str, Worker] = {}
-
-    def _checked_blocks(self, url: str, blocks: Sequence[int]) -> frozenset:
-        blocks = frozenset(int(b) for b in blocks)
-        bad = sorted(b for b in blocks if not 0 <= b < self.depth)
-        if bad or not blocks:
-            raise ExportError(f"worker {url}: blocks {sorted(blocks)}; this model has blocks "
-                              f"0..{self.depth - 1}")
-        return blocks
-
-    def announce(self, url: str, blocks: Sequence[int], ttl_s: float) -> Worker:
-        """A heartbeat: register or refresh an announced worker (a ban stays in force: only a
-        probe lifts it)."""
-        blocks = self._checked_blocks(url, blocks)
-        worker = self.workers.get(url)
-        if worker is None:
-            worker = self.workers[url] = Worker(url, blocks, announced=True)
-        worker.blocks = blocks
-        worker.expires_at = self.clock() + float(ttl_s)
-        return worker
-
-    def add_listed(self, url: str, blocks: Sequence[int]) -> Worker:
-        worker = self.workers.get(url)
-        if worker is None:
-            worker = self.workers[url] = Worker(url, frozenset(), announced=False)
-        worker.blocks = self._checked_blocks(url, blocks)
-        return worker
-
-    def hosts(self, block: int, exclude: Sequence[str] = ()) -> list[Worker]:
-        now = self.clock()
-        return [w for w in self.workers.values()
-                if block in w.blocks and w.usable(now) and w.url not in exclude]
-
-    def live_blocks(self) -> set[int]:
-        now = self.clock()
-        return {b for w in self.workers.values() if w.usable(now) for b in w.blocks}
-
-    def ban(self, worker: Worker, reason: str) -> None:
-        """Ban after a failure: base * 2**(failures - 1) seconds, capped. Failures seen while
-        already banned (requests in flight when it broke) do not lengthen the ban."""
-        worker.failed_hops += 1
-        worker.last_error = reason
-        if worker.banned:
-            return
-        worker.failures += 1
-        worker.banned = True
-        worker.banned_until = self.clock() + min(self.ban_max_s,
-                                                 self.ban_base_s * 2 ** (worker.failures - 1))
-
-    def probe_failed(self, worker: Worker, reason: str) -> None:
-        """A banned worker whose ban ran out failed its probe: ban it again, twice as long."""
-        worker.banned = False
-        self.ban(worker, reason)
-
-    def readmit(self, worker: Worker) -> None:
-        worker.banned = False
-
-    def succeeded(self, worker: Worker, seconds: float) -> None:
-        worker.hops += 1
-        worker.failures = 0
-        worker.latency_s = seconds if worker.latency_s is None else \
-            0.8 * worker.latency_s + 0.2 * seconds
-
-    def due_for_probe(self) -> list[Worker]:
-        """Banned workers whose ban ran out, and listed workers (checked every period)."""
-        now = self.clock()
-        return [w for w in self.workers.values()
-                if (w.banned and w.banned_until <= now) or (not w.announced and not w.banned)]
-
-    def expire(self) -> list[str]:
-        now = self.clock()
-        gone = [url for url, w in self.workers.items() if w.announced and w.expires_at <= now]
-        for url in gone:
-            del self.workers[url]
-        return gone
-
-    def view(self) -> list[dict]:
-        now = self.clock()
-        return [w.view(now) for w in sorted(self.workers.values(), key=lambda w: w.url)]
 
 
 @dataclass
@@ -415,6 +299,19 @@ class Router:
             return session.run(None, feed)
         return await anyio.to_thread.run_sync(session.run, None, feed)
 
+    @staticmethod
+    def _check_outcome(policy: Policy, executed: list[int], skipped: list[int], reasons: dict,
+                       deadline_s: float) -> None:
+        """The policy on what ran: DeadlineExceeded when it is unmet and the deadline skipped
+        blocks, else MissingBlocksError with why each block was skipped."""
+        try:
+            policy.check(executed, skipped)
+        except MissingBlocksError as exc:
+            if any("deadline" in reasons.get(b, "") for b in skipped):
+                raise DeadlineExceeded(f"{exc} (the deadline of {deadline_s:.3f} s ran out)"
+                                       ) from None
+            raise MissingBlocksError(f"{exc}: {reasons}") from None
+
     # -- one request -----------------------------------------------------------------------------
     async def run(self, images: np.ndarray, order: Union[str, Sequence[int]] = "sequential",
                   seed: Optional[int] = None, policy: Union[str, Policy] = "skip",
@@ -467,13 +364,7 @@ class Router:
             tokens = out
             executed.append(block)
             hosts.append(url)
-        try:
-            policy.check(executed, skipped)
-        except MissingBlocksError as exc:
-            if any("deadline" in reasons.get(b, "") for b in skipped):
-                raise DeadlineExceeded(f"{exc} (the deadline of {deadline_s:.3f} s ran out)"
-                                       ) from None
-            raise MissingBlocksError(f"{exc}: {reasons}") from None
+        self._check_outcome(policy, executed, skipped, reasons, deadline_s)
         logits = (await self._local(self.local.head, {"tokens": tokens}))[0]
         if dynamic:
             requested = executed + skipped

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from anyorder.files import sha256_file
-from anyorder.export.runtime import ExportError, parse_indices, read_manifest, resolve_source
+from anyorder.export.runtime import ExportError, parse_indices, read_manifest
+from anyorder.export.sources import resolve_source
 from anyorder.serving.worker import block_name
 
 
