@@ -29,19 +29,19 @@ run: setup
 # The nullspace study: every arm of nullspace.arms with 3 seeds on the whole test split (after
 # `make run`, whose outputs it reads); writes metrics/study/nullspace.{json,md}. About 10 min.
 study: run
-	$(QUIET) $(PY) pipeline/study.py --seeds 0 1 2
+	$(QUIET) $(PY) -m pipeline.studies.study --seeds 0 1 2
 
 # The baseline study: pre-training length (30, 60, 90, 120 epochs) and fine-tuning with and
 # without augmentation, on the default data (after `make run`); writes metrics/study/baseline.{json,md}.
 baseline-study: run
-	$(QUIET) $(PY) pipeline/baseline_study.py --epochs 30 60 90 120
+	$(QUIET) $(PY) -m pipeline.studies.baseline_study --epochs 30 60 90 120
 
 # The recipe study: does params.yaml's LayerShuffle recipe hold on harder data? Distorted digits
 # (10,000 28x28 images built from the embedded ones), the baseline and candidate LS recipes;
 # writes metrics/study/recipe_<level>.{json,md}. About 13 min (medium) and 19 min (hard) on 2 cores.
 recipe-study: setup
-	$(QUIET) $(PY) pipeline/recipe_study.py --level medium --candidates ls ls_epochs2 ls_epochs3
-	$(QUIET) $(PY) pipeline/recipe_study.py --level hard --candidates ls ls_lr2 ls_sample ls_epochs2 ls_epochs3 ls_epochs4
+	$(QUIET) $(PY) -m pipeline.studies.recipe_study --level medium --candidates ls ls_epochs2 ls_epochs3
+	$(QUIET) $(PY) -m pipeline.studies.recipe_study --level hard --candidates ls ls_lr2 ls_sample ls_epochs2 ls_epochs3 ls_epochs4
 
 # Two workers, one test file each at a time (module fixtures stay in one process); every torch
 # in the tests uses one thread, so the two never fight over the cores.
@@ -56,19 +56,19 @@ mlflow-ui: setup
 
 # --- Scheduled runs (Prefect) ---
 # `make serve`: a local Prefect server (127.0.0.1:4200, SQLite under .prefect/) serving the
-# pipeline deployment on the cron schedule of pipeline/schedule.yaml; Ctrl-C stops serve, then the
-# server. `make trigger`: ask the served deployment for a run now. `make flow-run`: one flow run
-# in the foreground. Overrides as for `dvc exp run -S`, space-separated:
+# pipeline deployment on the cron schedule of pipeline/orchestration/schedule.yaml; Ctrl-C stops
+# serve, then the server. `make trigger`: ask the served deployment for a run now. `make flow-run`:
+# one flow run in the foreground. Overrides as for `dvc exp run -S`, space-separated:
 #   make trigger S="pretrain.epochs=5 evaluate.num_orders=10"
 # Another schedule for a try-out: make serve CRON="*/5 * * * *".
 serve: setup
-	$(QUIET) $(PY) pipeline/scheduler.py $(if $(CRON),--cron "$(CRON)")
+	$(QUIET) $(PY) -m pipeline.orchestration.scheduler $(if $(CRON),--cron "$(CRON)")
 
 trigger: setup
-	$(QUIET) $(PY) pipeline/flow.py trigger $(foreach s,$(S),-S "$(s)")
+	$(QUIET) $(PY) -m pipeline.orchestration.flow trigger $(foreach s,$(S),-S "$(s)")
 
 flow-run: setup
-	$(QUIET) $(PY) pipeline/flow.py run $(foreach s,$(S),-S "$(s)")
+	$(QUIET) $(PY) -m pipeline.orchestration.flow run $(foreach s,$(S),-S "$(s)")
 
 # --- Serving the model (anyorder.serving; README, Serving) ---
 # `make serve-model`: the HTTP service on http://127.0.0.1:8000 for MODEL (an export directory or

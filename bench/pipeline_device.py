@@ -30,13 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "pipeline"))
+sys.path.insert(0, str(ROOT))
 
 from _report import header, write  # noqa: E402  (bench/_report.py)
 
 import yaml  # noqa: E402
 
-from _stage import _interpolate, foreach_entries  # noqa: E402  (dvc.yaml as the stages read it)
+from pipeline.stage import _interpolate, foreach_entries  # noqa: E402  (dvc.yaml as stages read it)
 
 
 def _paths(entries: list, key, item, params: dict) -> list[str]:

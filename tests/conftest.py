@@ -12,8 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "data" / "embedded" / "digits.npz"
-sys.path.insert(0, str(ROOT / "pipeline"))
-import env  # noqa: E402  the project's quiet environment (no telemetry), for every test
+sys.path.insert(0, str(ROOT))
+from pipeline import env  # noqa: E402  the quiet environment (no telemetry), for every test
 
 env.apply()
 # Tiny models gain nothing from more threads, and OpenMP pools thrash when two test workers (or a

@@ -37,12 +37,12 @@ def project(prepared_project, tmp_path):
 
 def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None,
           fresh_interpreter: bool = False):
-    """Run pipeline/<name>.py in `root`, with params.yaml edited by `edit(params)` first.
+    """Run the stage `name` in `root`, with params.yaml edited by `edit(params)` first.
 
     The stage runs in a child process forked from this one (torch, timm and MLflow already
     imported, the project's own modules imported afresh from `root`), with its own working
-    directory, arguments, environment, exit code and output: the stage as `python
-    pipeline/<name>.py` runs it, without paying the interpreter's start each time.
+    directory, arguments, environment, exit code and output: the stage as `python -m
+    pipeline.stages.<name>` runs it, without paying the interpreter's start each time.
     `fresh_interpreter` starts a real `python` instead (for what needs one: sitecustomize)."""
     if edit is not None:
         params = yaml.safe_load((root / "params.yaml").read_text())
@@ -50,14 +50,14 @@ def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None,
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                **(env or {})}
-    argv = [f"pipeline/{name}.py", *args]
+    module, argv = f"pipeline.stages.{name}", ["-m", f"pipeline.stages.{name}", *args]
     if fresh_interpreter:
         return subprocess.run([sys.executable, *argv], cwd=root, env=environ,
                               capture_output=True, text=True, timeout=300)
     out, err = root / f".stage-{name}.out", root / f".stage-{name}.err"
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
-        _run_forked(root, argv, environ, out, err)
+        _run_forked(root, module, list(args), environ, out, err)
     _, status = os.waitpid(pid, 0)
     proc = subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status),
                                        out.read_text(), err.read_text())
@@ -66,7 +66,8 @@ def stage(root: Path, name: str, *args: str, edit=None, env: dict | None = None,
     return proc
 
 
-def _run_forked(root: Path, argv: list[str], environ: dict, out: Path, err: Path) -> None:
+def _run_forked(root: Path, module: str, args: list[str], environ: dict, out: Path,
+                err: Path) -> None:
     code = 1
     try:
         os.chdir(root)
@@ -77,13 +78,13 @@ def _run_forked(root: Path, argv: list[str], environ: dict, out: Path, err: Path
         sys.stdout = open(1, "w", closefd=False)
         sys.stderr = open(2, "w", closefd=False)
         pipeline = str(ROOT / "pipeline")
-        for module in [m for m, mod in sys.modules.items()
-                       if (getattr(mod, "__file__", None) or "").startswith(pipeline)]:
-            del sys.modules[module]  # the stage imports its plumbing from `root`
-        sys.path[:] = [str(root / "pipeline")] + [p for p in sys.path if p != pipeline]
-        sys.argv = argv
+        for name in [m for m, mod in sys.modules.items()
+                     if (getattr(mod, "__file__", None) or "").startswith(pipeline)]:
+            del sys.modules[name]  # the stage imports its plumbing from `root`
+        sys.path[:] = [str(root)] + [p for p in sys.path if p not in (str(ROOT), "")]
+        sys.argv = [module, *args]  # argv[0]: the module's file once it runs, as under `-m`
         try:
-            runpy.run_path(argv[0], run_name="__main__")
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exc:
             if isinstance(exc.code, int) or exc.code is None:
@@ -231,7 +232,7 @@ def test_mlflow_failing_mid_stage_is_a_warning_and_the_outputs_are_written(proje
 
 
 def test_a_stage_is_refused_while_a_flow_run_holds_the_workspace(project):
-    import workspace  # pipeline/ is on sys.path (conftest)
+    from pipeline.orchestration import workspace
     with workspace.exclusive(project, "flow-run-123"):
         proc = stage(project, "prepare")
         refused(proc, "Prefect flow run flow-run-123")
@@ -243,7 +244,7 @@ def test_a_stage_is_refused_while_a_flow_run_holds_the_workspace(project):
 
 
 def test_a_stage_warns_about_overrides_a_killed_flow_run_left(project):
-    import workspace
+    from pipeline.orchestration import workspace
     backup = project / workspace.PARAMS_BACKUP
     backup.parent.mkdir(parents=True, exist_ok=True)
     backup.write_text((project / "params.yaml").read_text())

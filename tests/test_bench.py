@@ -15,7 +15,7 @@ def test_the_stage_graph_is_dvc_yaml_expanded_and_ordered_by_what_stages_read():
     graph = pipeline_device.stages(ROOT / "dvc.yaml", params)
     runs = params["finetune"]["runs"]
     assert {f"finetune@{run}" for run in runs} | {f"evaluate@{run}" for run in runs} <= set(graph)
-    assert graph["finetune@ls_s0"]["cmd"] == "python pipeline/finetune.py --run ls_s0"
+    assert graph["finetune@ls_s0"]["cmd"] == "python -m pipeline.stages.finetune --run ls_s0"
     needs = pipeline_device.needs(graph)
     assert needs["prepare"] == set()
     assert needs["pretrain"] == {"prepare"}

@@ -1,4 +1,4 @@
-"""The Prefect flow over the DVC pipeline (pipeline/flow.py).
+"""The Prefect flow over the DVC pipeline (pipeline/orchestration/flow.py).
 
 Tests run the flow on toy DVC projects made in tmp_path (stages are tiny python scripts); the
 flow over the real pipeline runs in test_pipeline.py, on its reproduced tiny project. One Prefect test
@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dvc_graph  # pipeline/ is on sys.path, and the quiet environment applied (conftest)
-import flow as pflow
-import workspace
 from anyorder.settings import ConfigError
 from conftest import ROOT, shipped_params
+from pipeline.orchestration import dvc_graph  # the quiet environment applied (conftest)
+from pipeline.orchestration import flow as pflow
+from pipeline.orchestration import workspace
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -249,7 +249,7 @@ def test_bad_schedule_settings_refused_before_anything_starts(tmp_path, capsys, 
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(dvc_graph.ScheduleError, match=re.escape(named)):
         dvc_graph.load_schedule(path)
-    import scheduler
+    from pipeline.orchestration import scheduler
     assert scheduler.main(["--config", str(path)]) == 2  # refused before any server starts
     assert named in capsys.readouterr().err
 
@@ -390,8 +390,8 @@ def test_a_killed_flow_run_leaves_no_stage_running_and_no_lock(harness, tmp_path
         "cmd": f"python sleeper.py {tmp_path / 'stage.pid'}", "deps": ["data.txt"],
         "outs": ["slept.txt"]}})
     flow_proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "pipeline/flow.py"), "run", "--project-dir", str(root),
-         "--retries", "0", "-S", "pretrain.epochs=2"],
+        [sys.executable, str(ROOT / "pipeline/orchestration/flow.py"), "run", "--project-dir",
+         str(root), "--retries", "0", "-S", "pretrain.epochs=2"],
         env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "stage.pid"

@@ -18,7 +18,9 @@ from anyorder.evaluation.gates import Gates, check_gates
 from anyorder.export.blocks import export_model
 from anyorder.export.runtime import BlockRuntime, ExportError
 from anyorder.export.sources import resolve_source
-from register import register_export
+from pipeline.tracking import register_export
+from anyorder.export.runtime import read_manifest
+from anyorder.pyfunc import PARAMS
 
 from conftest import tiny_model
 
@@ -43,8 +45,9 @@ def registry(tmp_path_factory):
     versions = {}
     for label, verdict in (("pass", PASSING), ("fail", failing)):
         with mlflow.start_run():
-            versions[label] = register_export(export_dir, NAME, "champion", verdict,
-                                              {"git.commit": "abc"})
+            versions[label] = register_export(export_dir, read_manifest(export_dir),
+                                              "anyorder.pyfunc", PARAMS, NAME, "champion",
+                                              verdict, {"git.commit": "abc"})
     yield {"uri": uri, "export": export_dir, "versions": versions, "failing": failing,
            "root": root}
     mlflow.set_tracking_uri(previous)

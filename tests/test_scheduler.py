@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-import dvc_graph  # pipeline/ is on sys.path (conftest)
-import flow as pflow
-import scheduler as scheduler_module
 from conftest import ROOT
+from pipeline.orchestration import dvc_graph
+from pipeline.orchestration import flow as pflow
+from pipeline.orchestration import scheduler as scheduler_module
 from test_flow import make_project
 
 pytestmark = pytest.mark.slow
+FLOW = ROOT / "pipeline/orchestration/flow.py"  # both run as a user runs them: by path
+SCHEDULER = ROOT / "pipeline/orchestration/scheduler.py"
 
 
 NAP = """\
@@ -124,7 +126,7 @@ def running_server(environ):
 
 def trigger(config: Path, project: Path, environ: dict, *overrides: str) -> str:
     """`make trigger` (with `-S` overrides); returns the id of the flow run it asked for."""
-    proc = subprocess.run([sys.executable, str(ROOT / "pipeline/flow.py"), "trigger", "--config",
+    proc = subprocess.run([sys.executable, str(FLOW), "trigger", "--config",
                            str(config), "--project-dir", str(project),
                            *[arg for o in overrides for arg in ("-S", o)]],
                           env=environ, capture_output=True, text=True, timeout=120)
@@ -139,7 +141,7 @@ def test_scheduler_starts_a_server_serves_triggers_and_stops_cleanly_mid_run(env
     (project / "nap.py").write_text(NAP)
     port = free_port()
     config = write_config(tmp_path / "schedule.yaml", port, "own-server")
-    scheduler = Logged([sys.executable, str(ROOT / "pipeline/scheduler.py"), "--config",
+    scheduler = Logged([sys.executable, str(SCHEDULER), "--config",
                         str(config), "--project-dir", str(project)], environ)
     scheduler.wait_for("serving deployment 'own-server'")
     scheduler.wait_for("prefect deployment run")  # serve registered the deployment
@@ -182,7 +184,7 @@ def test_scheduler_reuses_a_running_server_and_leaves_it_up(environ, running_ser
     port, _ = running_server
     project = make_project(tmp_path / "toy")
     config = write_config(tmp_path / "schedule.yaml", port, "shared-server")
-    scheduler = Logged([sys.executable, str(ROOT / "pipeline/scheduler.py"), "--config",
+    scheduler = Logged([sys.executable, str(SCHEDULER), "--config",
                         str(config), "--project-dir", str(project)], environ)
     scheduler.wait_for("already answers")
     scheduler.wait_for("prefect deployment run")
@@ -245,7 +247,7 @@ def test_a_run_triggered_while_another_runs_goes_next(environ, running_server, t
         "cmd": "python nap.py nap.txt 12", "deps": ["data.txt"], "outs": ["nap.txt"]}})
     (project / "nap.py").write_text(NAP)
     config = write_config(tmp_path / "schedule.yaml", port, "busy", cron="* * * * *")
-    scheduler = Logged([sys.executable, str(ROOT / "pipeline/scheduler.py"), "--config",
+    scheduler = Logged([sys.executable, str(SCHEDULER), "--config",
                         str(config), "--project-dir", str(project)], environ)
     scheduler.wait_for("prefect deployment run")
 

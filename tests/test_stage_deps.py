@@ -3,15 +3,15 @@
 
 The closure is derived from the code: every `import` anywhere in a module (top level or inside a
 function, since a lazy import runs too), followed transitively through the project's own modules
-(`src/` and, for the stage scripts, `pipeline/`). Package `__init__.py` files count: importing a
-submodule runs them.
+(the library under `src/` and the package `pipeline`). Package `__init__.py` files count:
+importing a submodule runs them, and so does `python -m pipeline.stages.<stage>` for the packages
+the stage's module is in.
 """
 from __future__ import annotations
 
 import ast
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +21,16 @@ import yaml
 from conftest import ROOT
 
 
+def project_of(file: Path) -> Path:
+    """The project a file of the package `pipeline` is in (the folder holding `pipeline/`)."""
+    return next((folder.parent for folder in file.parents if folder.name == "pipeline"), ROOT)
+
+
 def module_file(name: str, importer: Path) -> list[Path]:
-    """Project files that importing the dotted module `name` from `importer` executes."""
+    """Project files that importing the dotted module `name` from `importer` executes: a module
+    of the library (`src/`) or of the package `pipeline` (in the importer's project)."""
     parts = name.split(".")
-    bases = [ROOT / "src"] + ([importer.parent] if "pipeline" in importer.parts else [])
+    bases = [ROOT / "src"] + ([project_of(importer)] if parts[0] == "pipeline" else [])
     for base in bases:
         files = []
         for depth in range(1, len(parts) + 1):
@@ -60,8 +66,19 @@ def imported_files(file: Path) -> set[Path]:
     return found
 
 
+def packages_of(script: Path) -> list[Path]:
+    """The `__init__.py` of every package `script` is in (run first by `python -m`)."""
+    found = []
+    for folder in script.parents:
+        if not (folder / "__init__.py").is_file():
+            break
+        found.append(folder / "__init__.py")
+    return found
+
+
 def closure(script: Path) -> set[str]:
-    todo, seen = [script], set()
+    """Project files that running `script` executes, as project-relative paths."""
+    todo, seen = [script, *packages_of(script)], set()
     while todo:
         file = todo.pop()
         if file in seen:
@@ -77,6 +94,10 @@ def stage_bodies(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, dict]:
 
 
 def stage_script(body: dict) -> Optional[Path]:
+    """The file a stage's command runs: `python -m pipeline.stages.<stage>` (or a script path)."""
+    module = re.search(r"python3?\s+-m\s+([\w.]+)", body["cmd"])
+    if module:
+        return ROOT.joinpath(*module.group(1).split(".")).with_suffix(".py")
     match = re.search(r"python3?\s+(\S+\.py)", body["cmd"])
     return ROOT / match.group(1) if match else None
 
@@ -93,7 +114,8 @@ def code_problems(bodies: dict[str, dict]) -> list[str]:
         problems += [f"{name}: declares {f}, which it does not import" for f in
                      sorted(declared - used)]
         problems += [f"{name}: directory dep {d} hides which code the stage runs" for d in
-                     body.get("deps", []) if d.rstrip("/") in ("src", "src/anyorder", "pipeline")]
+                     body.get("deps", []) if d.rstrip("/") in ("src", "src/anyorder", "pipeline",
+                                                                "pipeline/stages")]
     return problems
 
 
@@ -103,20 +125,27 @@ def test_every_stage_declares_exactly_the_code_it_imports():
         "\n  ".join(problems)
 
 
-def test_closure_follows_lazy_package_and_sibling_imports(tmp_path):
-    scripts = tmp_path / "pipeline"
-    scripts.mkdir()
-    (scripts / "helper.py").write_text("from anyorder import report\n")
-    (scripts / "stage.py").write_text(
-        "import helper\n\ndef main():\n    from anyorder.training.loop import train_model\n")
-    found = closure(scripts / "stage.py")
+def test_closure_follows_lazy_and_package_imports(tmp_path):
+    package = tmp_path / "pipeline"
+    (package / "stages").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "stages" / "__init__.py").write_text("")
+    (package / "helper.py").write_text("from anyorder import report\n")
+    (package / "stages" / "stage.py").write_text(
+        "from pipeline import helper\n\ndef main():\n"
+        "    from anyorder.training.loop import train_model\n")
+    found = closure(package / "stages" / "stage.py")
     for expected in ("src/anyorder/training/loop.py",      # lazy, inside a function
                      "src/anyorder/training/__init__.py",  # the subpackage the module lives in
                      "src/anyorder/model/vit.py",          # what the loop imports in turn
-                     "src/anyorder/report.py",             # `from anyorder import report`, a sibling's
+                     "src/anyorder/report.py",             # `from anyorder import report`, a helper's
                      "src/anyorder/__init__.py"):          # run by every submodule import
         assert expected in found, expected
-    assert os.path.relpath(scripts / "helper.py", ROOT) in found
+    for file in ("helper.py",                              # `from pipeline import helper`
+                 "__init__.py", "stages/__init__.py"):     # run by `python -m pipeline.stages.stage`
+        assert os.path.relpath(package / file, ROOT) in found, file
+    assert stage_script({"cmd": "python -m pipeline.stages.prepare"}) == \
+        ROOT / "pipeline/stages/prepare.py"
 
 
 def test_user_inputs_are_dependencies():
@@ -135,9 +164,8 @@ def test_training_stages_declare_only_params_that_change_what_they_compute():
 
 
 def test_stage_code_helper_resolves_deps_as_dvc_does():
-    """_stage.declared (used for resume fingerprints) interpolates deps exactly like DVC."""
-    sys.path.insert(0, str(ROOT / "pipeline"))
-    import _stage
+    """pipeline.stage.declared (used for resume fingerprints) interpolates deps exactly like DVC."""
+    from pipeline import stage as plumbing
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
@@ -146,7 +174,7 @@ def test_stage_code_helper_resolves_deps_as_dvc_does():
         for stage in repo.index.stages:
             if not hasattr(stage, "cmd"):
                 continue
-            ours = sorted(os.path.normpath(p) for p in _stage.declared(
+            ours = sorted(os.path.normpath(p) for p in plumbing.declared(
                 stage.addressing, "deps", params, ROOT / "dvc.yaml"))
             theirs = sorted(os.path.relpath(d.fs_path, ROOT) for d in stage.deps
                             if not isinstance(d, ParamsDependency))

@@ -9,14 +9,15 @@ from conftest import ROOT, copy_tiny_project
 
 RACER = """
 import sys, time
-sys.path.insert(0, {pipeline!r})
-import _tracking, mlflow
+sys.path.insert(0, {project!r})
+import mlflow
 from pathlib import Path
+from pipeline import tracking
 mlflow.set_tracking_uri({uri!r})
 client = mlflow.MlflowClient()
 while time.time() < {start}:  # all processes leave the starting line together
     time.sleep(0.001)
-print(_tracking.experiment_and_parent(client, "race", "pipeline-run-42", {{}}, Path({root!r}))[1])
+print(tracking.experiment_and_parent(client, "race", "pipeline-run-42", {{}}, Path({root!r}))[1])
 """
 
 
@@ -26,7 +27,7 @@ def test_stages_starting_together_create_one_parent_run(tmp_path):
     mlflow.MlflowClient(uri).search_experiments()  # create the store (its schema) up front
     start = time.time() + 8  # time enough for every process to import MLflow first
     racers = [subprocess.Popen([sys.executable, "-c", RACER.format(
-        pipeline=str(ROOT / "pipeline"), uri=uri, start=start,
+        project=str(ROOT), uri=uri, start=start,
         root=str(tmp_path))], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [racer.communicate(timeout=120) for racer in racers]
@@ -40,7 +41,7 @@ def test_stages_starting_together_create_one_parent_run(tmp_path):
     assert [run.info.run_id for run in found] == list(parents)
 
 
-# -- the MLflow helper process (pipeline/_tracking.py) ---------------------------------------------
+# -- the MLflow helper process (pipeline/tracking.py) ----------------------------------------------
 
 PROBE = """
 import atexit, os, sys
@@ -49,7 +50,7 @@ def _report():
         with open(os.environ["PROBE_FILE"], "w") as f:
             f.write(str("mlflow" in sys.modules))
 atexit.register(_report)
-if sys.argv and sys.argv[0].endswith("_tracking.py") and os.environ.get("HELPER_DIES"):
+if sys.argv and sys.argv[0].endswith("pipeline/tracking.py") and os.environ.get("HELPER_DIES"):
     import mlflow
     def die(*args, **kwargs):
         os._exit(3)
@@ -64,7 +65,7 @@ def run_prepare(root, tmp_path, run_id: str, **env):
     environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
                "PYTHONPATH": str(hooks), "PROBE_FILE": str(tmp_path / "probe"),
                "ANYORDER_PIPELINE_RUN_ID": run_id, **env}
-    proc = subprocess.run([sys.executable, "pipeline/prepare.py"], cwd=root, env=environ,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.stages.prepare"], cwd=root, env=environ,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc, (tmp_path / "probe").read_text() == "True"
@@ -114,22 +115,22 @@ def test_with_tracking_off_a_stage_runs_where_mlflow_is_missing_and_register_ref
     environ = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
     environ.pop("MLFLOW_TRACKING_URI", None)
 
-    def stage(script, **env):
-        return subprocess.run([sys.executable, f"pipeline/{script}"], cwd=root,
+    def stage(name, **env):
+        return subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}"], cwd=root,
                               env={**environ, **env}, capture_output=True, text=True, timeout=300)
 
     # Without the switch, a missing MLflow stops the stage before it computes anything.
-    refused = stage("prepare.py")
+    refused = stage("prepare")
     assert refused.returncode == 2 and "cannot be used" in refused.stderr
     assert not (root / "data/prepared").exists()
     # With it, the stage writes its outputs as usual, and no MLflow store appears.
-    off = stage("prepare.py", ANYORDER_TRACKING="off")
+    off = stage("prepare", ANYORDER_TRACKING="off")
     assert off.returncode == 0, off.stderr
     assert "MLflow off (ANYORDER_TRACKING=off): prepare writes its outputs" in off.stderr
     assert (root / "data/prepared/meta.json").is_file()
     assert not (root / "mlflow.db").exists() and not (root / "mlruns").exists()
     # register's output is MLflow's registry: it refuses, naming the switch, before reading.
-    register = stage("register.py", ANYORDER_TRACKING="off")
+    register = stage("register", ANYORDER_TRACKING="off")
     assert register.returncode == 2
     assert "register writes into MLflow itself and MLflow is off (ANYORDER_TRACKING=off)" in \
         register.stderr

@@ -148,7 +148,8 @@ class NullspaceArm(Section):
 class NullspaceConfig(TrainConfig):
     synthesis: SynthesisConfig
     arms: dict[str, NullspaceArm]
-    # Arms only the study (pipeline/study.py, `make study`) runs, beside `arms`: no stage reads it.
+    # Arms only the study (pipeline/studies/study.py, `make study`) runs, beside `arms`: no stage
+    # reads it.
     study_arms: dict[str, NullspaceArm]
 
     def check(self, key: str) -> None:

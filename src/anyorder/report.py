@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from anyorder.evaluation.intervals import corruption_errors, difference, mce, mce_interval
+from anyorder.evaluation.intervals import corruption_errors, difference, mce_interval
 
 
 def summary_table(runs: dict[str, dict], baseline: str,
@@ -188,6 +188,19 @@ def _number(value) -> str:
 
 # -- pruning, merging and the report page ---------------------------------------------------------
 
+def kind_of(name: str, runs: dict, merges) -> str:
+    """What a model is, for the pruning plot: merged (a merge entry), shallow, layerdrop,
+    sequential or layershuffle (from its entry of finetune.runs)."""
+    if name in merges:
+        return "merged"
+    run = runs[name]
+    if run.depth is not None:
+        return "shallow"
+    if run.layerdrop_rate:
+        return "layerdrop"
+    return "sequential" if run.variant == "sequential" else "layershuffle"
+
+
 def pruning_rows(curves: dict[str, dict], kinds: dict[str, str]) -> list[dict]:
     """One row per model and number of blocks run: the pruning curves on one axis. `kinds` says
     what each model is (sequential, layerdrop, shallow, layershuffle, merged)."""
@@ -334,3 +347,19 @@ def report_markdown(summary: dict, pruning: list[dict], merges: dict, analysis: 
     if analysis:
         parts += _analysis_section(analysis, figures)
     return "\n".join(parts)
+
+
+def summary_lines(summary: dict, merge_table: dict) -> str:
+    """The summary and the merges as the report stage prints them: one line per run (sequential,
+    random-order mean and minimum, mean against the baseline's sequential) and per merge."""
+    lines = [f"{'run':<14}{'variant':<12}{'sequential':>11}{'arb mean':>10}{'arb min':>9}"
+             f"{'vs base':>9}"]
+    for name, row in summary["runs"].items():
+        ratio = row.get("arbitrary_mean_vs_baseline_sequential", float("nan"))
+        lines.append(f"{name:<14}{row['variant']:<12}{row['sequential']:>11.4f}"
+                     f"{row['arbitrary_mean']:>10.4f}{row['arbitrary_min']:>9.4f}{ratio:>9.3f}")
+    for name, m in merge_table.items():
+        lines.append(f"merge {name}: test {m['test_merged_mean']:.4f} vs sources' mean "
+                     f"{m.get('test_sources_mean', float('nan')):.4f}; validation "
+                     f"{m['val_merged']:.4f} vs best source {m['val_best_source']:.4f}")
+    return "\n".join(lines)

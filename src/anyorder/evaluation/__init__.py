@@ -1,4 +1,5 @@
-"""Evaluation: accuracy over seeded random orders and choosing the best run (`accuracy`), the
-orders themselves (`orders`), test-time pruning (`pruning`), block-by-slot analysis
-(`analysis`), registry gates (`gates`), bootstrap intervals of differences (`intervals`).
+"""Evaluation: per-image correctness over block orders, accuracy over seeded random orders and
+choosing the best run (`accuracy`), the orders themselves (`orders`), test-time pruning
+(`pruning`), an evaluated model's record (`record`), block-by-slot analysis (`analysis`,
+`slot_analysis`), registry gates (`gates`), bootstrap intervals of differences (`intervals`).
 """

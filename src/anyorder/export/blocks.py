@@ -12,7 +12,8 @@ An export directory (format 1) holds:
 Only the batch axis is dynamic; every graph is one file (no external data) and passes
 `onnx.checker`. The directory is written to a temporary sibling and swapped in whole, so a failed
 export leaves the previous one as it was. `check_export` compares every graph, and chains of them
-run by the runtime, against the PyTorch model.
+run by the runtime, against the PyTorch model; `runtime_accuracy` the runtime's test accuracy
+against PyTorch's over the evaluated orders.
 """
 from __future__ import annotations
 
@@ -262,6 +263,22 @@ def check_export(model: AnyOrderViT, export_dir: Union[str, Path], num_orders: i
         "batch_sizes": list(batch_sizes),
         "seed": seed,
     }
+
+
+def runtime_accuracy(export_dir: Union[str, Path], evaluation: dict, images: np.ndarray,
+                     labels: np.ndarray) -> dict:
+    """The runtime's test accuracy in sequential order and in the evaluate stage's orders
+    (`evaluation`: its metrics), next to what PyTorch measured there (points = percentage
+    points)."""
+    runtime = BlockRuntime(export_dir)
+    orders = [list(range(runtime.depth))] + evaluation["orders"]
+    normalised = runtime.preprocess(images)  # once, not once per order
+    ours = [float((runtime.run(normalised, order).predictions == labels).mean())
+            for order in orders]
+    theirs = [evaluation["sequential"]] + evaluation["order_accuracies"]
+    return {"sequential": ours[0], "arbitrary_mean": sum(ours[1:]) / len(ours[1:]),
+            "max_difference_points": 100 * max(abs(a - b) for a, b in zip(ours, theirs)),
+            "orders": len(orders)}
 
 
 def _abs_error(got: np.ndarray, expected: torch.Tensor) -> float:

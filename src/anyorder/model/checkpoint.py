@@ -46,6 +46,12 @@ def load_model(directory: str | Path, map_location: str | torch.device = "cpu") 
     return model
 
 
+def training_record(directory: str | Path) -> dict:
+    """What `model.json` records of how the model was trained (seed, settings, final epoch;
+    empty for a model trained elsewhere)."""
+    return json.loads((Path(directory) / SPEC).read_text()).get("training", {})
+
+
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a dict of tensors (a state dict)."""
     digest = hashlib.sha256()

@@ -27,11 +27,11 @@ import torch
 import yaml
 
 from anyorder.errors import InputError
-from anyorder.evaluation.accuracy import accuracy_for_orders
+from anyorder.evaluation.accuracy import accuracy_for_orders, random_order_accuracy
 from anyorder.files import atomic_write_bytes
 from anyorder.model.spec import ModelSpec
 from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT, build_model
-from anyorder.evaluation.orders import generator_for, random_orders
+from anyorder.evaluation.orders import generator_for
 
 # What sources must agree on to exchange blocks (drop_path_rate is a training setting).
 COMPATIBLE_FIELDS = ("arch", "variant", "img_size", "patch_size", "embed_dim", "depth",
@@ -202,10 +202,11 @@ class Scorer:
         return "arbitrary" if SHUFFLED_TRAINING[model.variant] else "sequential"
 
     def __call__(self, model: AnyOrderViT) -> float:
-        orders = (random_orders(model.depth, self.num_orders, self.seed)
-                  if SHUFFLED_TRAINING[model.variant] else [None])
-        return float(np.mean(accuracy_for_orders(model, self.images, self.labels, orders,
-                                                 self.batch_size, self.device)))
+        if SHUFFLED_TRAINING[model.variant]:
+            return random_order_accuracy(model, self.images, self.labels, self.num_orders,
+                                         self.seed, self.batch_size, self.device)["mean"]
+        return accuracy_for_orders(model, self.images, self.labels, [None], self.batch_size,
+                                   self.device)[0]
 
 
 @dataclass

@@ -364,3 +364,8 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     with torch.no_grad():
         out = _FUNCTIONS[name](_to_tensor(images), severity, rng, scale)
     return _to_uint8(out)
+
+
+def corrupt_severities(images: np.ndarray, name: str, severities, seed: int = 0) -> np.ndarray:
+    """`images` corrupted with `name` at each of `severities`, stacked: uint8 (S, N, H, W, 3)."""
+    return np.stack([corrupt(images, name, s, seed) for s in severities])

@@ -19,17 +19,14 @@ from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
 from anyorder.robustness.nullspace import (exact_noise_like, exact_nullspace, invariance,
                                            synthesize_noise)
 from anyorder.robustness.settings import RobustnessConfig, SynthesisConfig
+from anyorder.evaluation.accuracy import Groups, batches, correct
 from anyorder.evaluation.orders import STREAM_VALIDATION, generator_for, random_orders
-from anyorder.data.inputs import to_model_input
 
 
 def eps_label(eps: float) -> str:
     """A budget as a key: '8/255' when it is a whole number of 255ths, else the number."""
     steps = eps * 255
     return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 else f"{eps:.6g}"
-
-
-Groups = list[tuple[np.ndarray, Optional[list[int]]]]  # (image indices, their block order)
 
 
 def order_groups(model: AnyOrderViT, num_images: int, num_orders: int, seed: int
@@ -48,32 +45,12 @@ def order_groups(model: AnyOrderViT, num_images: int, num_orders: int, seed: int
     return modes
 
 
-def batches(groups: Groups, batch_size: int):
-    """(image indices, order) per batch, batches never mixing orders."""
-    for indices, order in groups:
-        for start in range(0, len(indices), batch_size):
-            yield indices[start:start + batch_size], order
-
-
-@torch.no_grad()
-def correct(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, groups: Groups,
-            batch_size: int, device: torch.device) -> np.ndarray:
-    """Per image (N,) bool: right or wrong, each image run in the order of its group."""
-    model.to(device).eval()
-    out = np.zeros(len(labels), dtype=bool)
-    for index, order in batches(groups, batch_size):
-        batch = to_model_input(images[index], model.spec, device)
-        out[index] = model(batch, order).argmax(1).cpu().numpy() == labels[index]
-    return out
-
-
 def accuracy(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, groups: Groups,
              batch_size: int, device: torch.device) -> float:
     """Top-1 accuracy, each image run in the order of its group."""
-    return float(correct(model, images, labels, groups, batch_size, device).mean())
+    return float(correct(model, images, labels, [groups], batch_size, device)[0].mean())
 
 
-@torch.no_grad()
 def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
                         severities: list[int], labels: np.ndarray,
                         modes: dict[str, Groups], batch_size: int,
@@ -86,19 +63,15 @@ def corruption_accuracy(model: AnyOrderViT, corrupted: dict[str, np.ndarray],
     for an LS model's 75 sets in 8 orders); each image is still run in its group's order."""
     sets = [(name, str(s), stack[i]) for name, stack in corrupted.items()
             for i, s in enumerate(severities)]
-    model.to(device).eval()
     table: dict = {name: {str(s): {} for s in severities} for name in corrupted}
     outcomes: dict = {}
     for mode, groups in modes.items():
         hits_all = np.zeros((len(sets), len(labels)), dtype=bool)
         for indices, order in groups:
             stacked = np.concatenate([stack[indices] for _, _, stack in sets])
-            predictions = np.concatenate([
-                model(to_model_input(stacked[start:start + batch_size], model.spec, device),
-                      order).argmax(1).cpu().numpy()
-                for start in range(0, len(stacked), batch_size)])
-            hits_all[:, indices] = predictions.reshape(len(sets), len(indices)) == \
-                labels[indices][None, :]
+            hits = correct(model, stacked, np.tile(labels[indices], len(sets)), [order],
+                           batch_size, device)[0]
+            hits_all[:, indices] = hits.reshape(len(sets), len(indices))
         outcomes[mode] = {name: {} for name in corrupted}
         for (name, severity, _), hits in zip(sets, hits_all):
             table[name][severity][mode] = float(hits.mean())
@@ -196,8 +169,7 @@ def evaluation_subset(num_images: int, size: Optional[int], seed: int) -> np.nda
 
 def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray,
                         corrupted: dict[str, np.ndarray], train_images: np.ndarray,
-                        cfg: RobustnessConfig, synthesis: SynthesisConfig,
-                        device: torch.device | str = "cpu") -> dict:
+                        cfg: RobustnessConfig, device: torch.device | str = "cpu") -> dict:
     """Everything above for one model on the test split (`corrupted[name]`: (severities, N, H, W,
     3) uint8 in the order of cfg.corruptions.severities). "outcomes" holds, per mode, each
     corrupted and attacked image's right/wrong ((N,) bool arrays, over the images corrupted and
@@ -209,8 +181,9 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
     subset = evaluation_subset(len(labels), cfg.num_images, cfg.subset_seed)
     sub_modes = order_groups(model, len(subset), cfg.num_orders, cfg.order_seed)
     sub_corrupted = {name: stack[:, subset] for name, stack in corrupted.items()}
-    clean_subset = {mode: correct(model, images[subset], labels[subset], groups, cfg.batch_size,
-                                  device) for mode, groups in sub_modes.items()}
+    clean_subset = {mode: correct(model, images[subset], labels[subset], [groups],
+                                  cfg.batch_size, device)[0]
+                    for mode, groups in sub_modes.items()}
     corruptions, corruption_outcomes = corruption_accuracy(
         model, sub_corrupted, list(cfg.corruptions.severities), labels[subset], sub_modes,
         cfg.batch_size, device)
@@ -225,8 +198,8 @@ def evaluate_robustness(model: AnyOrderViT, images: np.ndarray, labels: np.ndarr
         "clean_accuracy_subset": {mode: float(hits.mean()) for mode, hits in clean_subset.items()},
         "corruptions": corruptions,
         "adversarial": adversarial,
-        "nullspace": nullspace_invariance(model, images, labels, train_images, cfg, synthesis,
-                                          modes, device),
+        "nullspace": nullspace_invariance(model, images, labels, train_images, cfg,
+                                          cfg.synthesis, modes, device),
         "outcomes": {mode: {"clean": clean_subset[mode],
                             "corruptions": corruption_outcomes[mode],
                             "attacks": attack_outcomes[mode]} for mode in sub_modes},

@@ -93,6 +93,9 @@ class RobustnessConfig(Section):
     num_orders: int = 8              # LS models: random orders, each test image runs in one
     order_seed: int = 777
     noise_seed: int = 0              # exact nullspace noise and the synthesised noise
+    # The approximate-nullspace noise the invariance check synthesises for each model (the
+    # evaluation's own settings; a nullspace fine-tune's are nullspace.synthesis).
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     exact_rtol: Optional[float] = None  # rank tolerance factor (null: max(D, C*P*P) * eps)
     batch_size: int = 256
     device: str = "auto"
@@ -100,6 +103,7 @@ class RobustnessConfig(Section):
     def check(self, key: str) -> None:
         self.corruptions.check(f"{key}.corruptions")
         self.attacks.check(f"{key}.attacks")
+        self.synthesis.check(f"{key}.synthesis")
         if self.num_images is not None:
             require(self.num_images >= 1, f"{key}.num_images", "must be >= 1 or null",
                     self.num_images)

@@ -23,9 +23,9 @@ from anyorder.training.settings import TrainConfig
 from anyorder.data.inputs import random_shift, to_model_input
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
-from anyorder.evaluation.accuracy import accuracy_for_orders
+from anyorder.evaluation.accuracy import accuracy_for_orders, random_order_accuracy
 from anyorder.evaluation.orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, STREAM_NOISE,
-                                        epoch_orders, generator_for, random_orders)
+                                        epoch_orders, generator_for)
 from anyorder.files import atomic_write_json
 from anyorder.model.checkpoint import save_model
 from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
@@ -342,10 +342,10 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
 def _validate(model: AnyOrderViT, val_data, seed: int, epoch: int, device) -> dict:
     """Validation accuracy in sequential order and in a few seeded random orders."""
     val_x, val_y = val_data
-    orders = [None] + random_orders(model.depth, 3, seed * 1000 + epoch)
-    accuracies = accuracy_for_orders(model, val_x, val_y, orders, device=device)
-    return {"val_accuracy_sequential": accuracies[0],
-            "val_accuracy_shuffled": float(np.mean(accuracies[1:]))}
+    shuffled = random_order_accuracy(model, val_x, val_y, 3, seed * 1000 + epoch, device=device)
+    return {"val_accuracy_sequential": accuracy_for_orders(model, val_x, val_y, [None],
+                                                           device=device)[0],
+            "val_accuracy_shuffled": shuffled["mean"]}
 
 
 def _progress(total: int, description: str, enabled: bool):

@@ -1,6 +1,6 @@
 """Run a command so that nothing it starts can outlive the caller.
 
-    python pipeline/supervise.py COMMAND [ARGS...]
+    python pipeline/orchestration/supervise.py COMMAND [ARGS...]
 
 Started as the leader of a new process group (the caller passes start_new_session=True), this
 process runs COMMAND in the same group and waits for it. When the caller dies, however it dies
@@ -17,8 +17,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from processes import die_with_parent, group_members, stop_group
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: `pipeline` beside
+
+from pipeline.orchestration.processes import die_with_parent, group_members, stop_group  # noqa: E402
 
 GRACE_SECONDS = 10.0
 

@@ -9,7 +9,7 @@ test images and seeds, and every epoch's noise synthesis. It reads what `make ru
 data/corrupted, the start models) and decides nothing on the test split: every arm trains for
 nullspace.epochs and its last epoch is the model (validation accuracy is recorded, not used).
 
-    python pipeline/study.py --seeds 0 1 2        # make study
+    python -m pipeline.studies.study --seeds 0 1 2        # make study
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _robustness import load_corrupted, synthesis_per_epoch
-from _stage import CORRUPTED, FINETUNED, PREPARED
+from pipeline.stage import CORRUPTED, FINETUNED, PREPARED, load_corrupted
 
 from anyorder.model.checkpoint import load_model
 from anyorder.config import load_settings
@@ -32,6 +31,7 @@ from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_json
 from anyorder.robustness.nullspace import epoch_noise
 from anyorder.robustness.evaluate import evaluate_robustness
+from anyorder.robustness.record import synthesis_per_epoch
 from anyorder.evaluation.intervals import difference
 from anyorder.report import interval_text, robustness_table
 from anyorder.device import resolve_device
@@ -70,8 +70,7 @@ def train_and_evaluate(arms: dict, starts: list[str], seeds: list[int], cfg, spl
     results: dict[str, dict] = {}
 
     def evaluate(name: str, model) -> None:
-        results[name] = evaluate_robustness(model, *test, corrupted, train[0], robust, synthesis,
-                                            device)
+        results[name] = evaluate_robustness(model, *test, corrupted, train[0], robust, device)
         print(f"[study] {name}: {time.perf_counter() - started:.0f}s", flush=True)
 
     for start in starts:

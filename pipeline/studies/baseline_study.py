@@ -10,7 +10,7 @@ orders: what chooses) and on the test split (sequential, and over `evaluate.num_
 orders: reported only). Writes metrics/study/baseline.{json,md}. Reads data/prepared (run
 `make run`, or at least `dvc repro prepare`, first).
 
-    python pipeline/baseline_study.py --epochs 30 60 90 120 [--threads 2]
+    python -m pipeline.studies.baseline_study --epochs 30 60 90 120 [--threads 2]
 """
 from __future__ import annotations
 
@@ -19,18 +19,16 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from _stage import PREPARED
+from pipeline.stage import PREPARED
 
 from anyorder.config import load_settings
 from anyorder.data.prepared import load_meta, load_split
-from anyorder.evaluation.accuracy import accuracy_for_orders
+from anyorder.evaluation.accuracy import accuracy_for_orders, random_order_accuracy
 from anyorder.files import atomic_write_bytes, atomic_write_json
 from anyorder.model.spec import model_spec, variant_spec
 from anyorder.model.vit import build_model
-from anyorder.evaluation.orders import random_orders
 from anyorder.training.loop import train_model
 
 OUT = Path("metrics/study")
@@ -38,9 +36,8 @@ OUT = Path("metrics/study")
 
 def scores(model, data: tuple, num_orders: int, seed: int) -> dict:
     """Sequential accuracy and the mean over `num_orders` seeded random orders."""
-    orders = random_orders(model.depth, num_orders, seed)
     return {"sequential": accuracy_for_orders(model, *data, [None])[0],
-            "random_orders": float(np.mean(accuracy_for_orders(model, *data, orders)))}
+            "random_orders": random_order_accuracy(model, *data, num_orders, seed)["mean"]}
 
 
 def main() -> None:

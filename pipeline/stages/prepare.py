@@ -1,6 +1,6 @@
 """Stage `prepare`: load the configured data source, resize, split (its own test set kept, or
 seeded and stratified), write."""
-from _stage import PREPARED, begin, track, user_errors
+from pipeline.stage import PREPARED, begin, track, user_errors
 
 from anyorder.data.prepare import prepare_dataset
 

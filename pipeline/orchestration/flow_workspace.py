@@ -8,9 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-import _stage  # noqa: F401  (puts src/ on sys.path)
-import dvc_graph as dg
-import workspace
+from pipeline import stage  # noqa: F401  (puts src/ on sys.path)
+from pipeline.orchestration import dvc_graph as dg, workspace
 
 from anyorder.files import sha256_file
 

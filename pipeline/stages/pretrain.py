@@ -2,13 +2,14 @@
 timm pre-trained weights when `model.pretrained` names them)."""
 from pathlib import Path
 
-from _stage import PLOTS, PREPARED, PRETRAINED, WEIGHTS_DIR, begin, fail, user_errors
-from _training import train_and_log
+from pipeline.outputs import train_and_log
+from pipeline.stage import PLOTS, PREPARED, PRETRAINED, WEIGHTS_DIR, begin, fail, user_errors
 
 from anyorder.data.prepared import load_meta
+from anyorder.device import resolve_device
 from anyorder.model.spec import model_spec
 from anyorder.model.vit import build_model
-from anyorder.device import resolve_device
+from anyorder.training.loop import train_and_save
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
         meta = load_meta(PREPARED)
         spec = model_spec(m, meta["image_size"], meta["class_names"])
         model = build_model(spec, m.pretrained, seed=cfg.seed)
-    train_and_log(stage, model, cfg.training(), cfg.seed, PRETRAINED,
+    train_and_log(stage, train_and_save, model, cfg.training(), cfg.seed, PRETRAINED,
                   PLOTS / "train" / "pretrain.csv")
 
 

@@ -17,8 +17,8 @@ random orders (that is what chooses a recipe) and on the test split sequentially
 metrics/study/recipe_<level>.{json,md}. Models are cached under .anyorder/recipe_study/<level>
 (a rerun retrains only what changed: recipe, spec or start model; --fresh starts over).
 
-    python pipeline/recipe_study.py [--level medium|hard] [--candidates NAME ...] [--also RUN ...]
-                                    [--threads 2] [--fresh]
+    python -m pipeline.studies.recipe_study [--level medium|hard] [--candidates NAME ...]
+                                            [--also RUN ...] [--threads 2] [--fresh]
 """
 from __future__ import annotations
 

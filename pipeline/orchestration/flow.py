@@ -1,11 +1,14 @@
 """Prefect flow that runs the DVC pipeline, one Prefect task per DVC stage.
 
-    python pipeline/flow.py run [-S key=value ...] [--force]   one run now (local server if up)
-    python pipeline/flow.py serve [--cron EXPR]                 serve the scheduled deployment
-    python pipeline/flow.py trigger [-S key=value ...]          ask the served deployment to run now
-(`python pipeline/scheduler.py` starts a local server and `serve` together; see its docstring.)
-`--force`, `--retries` and `--retry-delay` apply to the run started (run, trigger) or to every
-scheduled run (serve), replacing the values of pipeline/schedule.yaml.
+    python -m pipeline.orchestration.flow run [-S key=value ...] [--force]
+        one run now (local server if up)
+    python -m pipeline.orchestration.flow serve [--cron EXPR]
+        serve the scheduled deployment
+    python -m pipeline.orchestration.flow trigger [-S key=value ...]
+        ask the served deployment to run now
+(`python -m pipeline.orchestration.scheduler` starts a local server and `serve` together; see its
+docstring.) `--force`, `--retries` and `--retry-delay` apply to the run started (run, trigger) or
+to every scheduled run (serve), replacing the values of pipeline/orchestration/schedule.yaml.
 
 Design:
 - The DAG comes from DVC (`Repo.index.graph`, read after the overrides are applied, since a
@@ -45,13 +48,15 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-import _stage  # pipeline/ is on sys.path: run as a script, or loaded by Prefect from its path
-import dvc_graph as dg
-import env
-import processes
-import workspace
-from flow_workspace import (backup_params, check_dvc_idle, record_written_params,
-                            restore_params)
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a file, or loaded by Prefect from its path
+    sys.path.insert(0, str(ROOT))
+
+from pipeline.stage import tracking_uri  # noqa: E402  (also: the library beside it on sys.path)
+from pipeline import env  # noqa: E402
+from pipeline.orchestration import dvc_graph as dg, processes, workspace  # noqa: E402
+from pipeline.orchestration.flow_workspace import (backup_params, check_dvc_idle,  # noqa: E402
+                                                   record_written_params, restore_params)
 
 env.apply()  # before Prefect reads its settings
 
@@ -60,7 +65,6 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.states import Cancelled  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE_FILE = Path(__file__).with_name("schedule.yaml")
 FLOW_NAME = "anyorder-pipeline"
 TAIL_LINES = 40  # output lines of a failed stage quoted in the flow run's error
@@ -82,7 +86,7 @@ def _stage_env() -> dict[str, str]:
 
 
 def _run_dvc(root: Path, args: list[str], on_line) -> int:
-    """`dvc ARGS` under pipeline/supervise.py in a process group of its own, each output line
+    """`dvc ARGS` under supervise.py in a process group of its own, each output line
     passed to `on_line`; returns the exit code. If this task is cancelled, interrupted or crashes,
     the group (dvc and the stage it runs) is stopped before the exception goes on; if this
     process dies outright, supervise.py stops it."""
@@ -148,7 +152,7 @@ def save_experiment(root: str) -> Optional[str]:
 def link_mlflow(root: str, experiment: Optional[str]) -> list[str]:
     """Tag this flow run's MLflow runs with the DVC experiment; list them in a Prefect artifact."""
     logger, run_id = get_run_logger(), str(flow_run.get_id())
-    uri = _stage.tracking_uri(dg.load_settings(Path(root) / dg.PARAMS_FILE), Path(root))
+    uri = tracking_uri(dg.load_settings(Path(root) / dg.PARAMS_FILE), Path(root))
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         logger.warning("no MLflow store at %s: no stage logged to MLflow", uri)
         return []
@@ -370,7 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_now(parameters, api_url)
     if not dg.server_up(api_url):
         print(f"error: no Prefect server answers at {api_url} (start one with "
-              f"`python pipeline/scheduler.py`)", file=sys.stderr)
+              f"`python -m pipeline.orchestration.scheduler`)", file=sys.stderr)
         return 1
     with temporary_settings({PREFECT_API_URL: api_url}):
         if args.command == "serve":

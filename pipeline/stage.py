@@ -1,7 +1,9 @@
 """Stage plumbing shared by every entry point: arguments, settings, what dvc.yaml declares, the
-workspace lock, error exits and MLflow. Anything that computes lives in the library.
+workspace lock, error exits, output paths, the inputs several stages read and check, and the
+stage's MLflow run. Anything that computes lives in the library; what stages write and log
+beyond a line or two is in pipeline.outputs.
 
-A stage script reads:
+A stage script (pipeline/stages/<stage>.py, run as `python -m pipeline.stages.<stage>`) reads:
 
     stage = begin(__doc__, "evaluate", foreach="run")   # evaluate@<run>, --run <run>
     with user_errors():
@@ -27,18 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NoReturn, Optional
 
-import env
+from pipeline import env
 
 env.apply()
 # Use the library next to this file, not whichever copy is installed: under `dvc exp run --temp`
 # or in a copy of the project, the code DVC hashed as a dependency is the code that must run.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-import _tracking  # noqa: E402
-import workspace  # noqa: E402
-from processes import die_with_parent  # noqa: E402
+from pipeline import tracking  # noqa: E402
+from pipeline.orchestration import workspace  # noqa: E402
+from pipeline.orchestration.processes import die_with_parent  # noqa: E402
 from anyorder.config import Settings, load_settings  # noqa: E402
 from anyorder.errors import InputError  # noqa: E402
 from anyorder.files import tree_digest  # noqa: E402
@@ -51,8 +54,8 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
     return Path(root.split(marker)[0]) if marker in root else Path(root)
 
 
-# Started now, while the stage goes on to import torch: see _tracking.
-_tracking.start_early(project_root())
+# Started now, while the stage goes on to import torch: see pipeline.tracking.
+tracking.start_early(project_root())
 
 
 # Outputs, relative to the directory DVC runs stages in (the project, or a temp experiment copy).
@@ -99,6 +102,35 @@ def read_json(path: Path, written_by: str) -> dict:
         fail(f"{path}: not valid JSON ({exc}); run the {written_by} stage again")
 
 
+def read_jsons(folder: Path, names, written_by: str) -> dict:
+    """{name: folder/<name>.json} for every name (read_json; `written_by` names the stage that
+    writes them, `{}` standing for the name)."""
+    return {name: read_json(folder / f"{name}.json", written_by.format(name)) for name in names}
+
+
+def require_model(path, what: str, example: str) -> None:
+    """Exit 2 unless `path` holds a model (model.json); `what`: the setting that names it."""
+    if not (Path(path) / "model.json").is_file():
+        fail(f"{what} holds no model (model.json); name a model directory the pipeline writes, "
+             f"e.g. {example}")
+
+
+def load_corrupted(settings) -> dict[str, np.ndarray]:
+    """The corrupted test sets the corrupt stage wrote, checked against the settings."""
+    cfg = settings.robustness.corruptions
+    manifest = read_json(CORRUPTED / "manifest.json", "corrupt")
+    if manifest.get("severities") != list(cfg.severities) or not set(cfg.names) <= set(
+            manifest.get("names", [])):
+        fail(f"{CORRUPTED} holds {manifest.get('names')} at severities "
+             f"{manifest.get('severities')}, not what robustness.corruptions asks for; run the "
+             f"corrupt stage again (dvc repro corrupt)")
+    out = {}
+    for name in cfg.names:
+        with np.load(CORRUPTED / f"{name}.npz", allow_pickle=False) as archive:
+            out[name] = archive["x"]
+    return out
+
+
 # -- what dvc.yaml declares ------------------------------------------------------------------------
 
 def _interpolate(text: str, key: Optional[str], item: Any, params: dict) -> str:
@@ -139,6 +171,11 @@ def declared(stage: str, field: str, params: dict, dvc_yaml: Path = Path("dvc.ya
     return [_interpolate(str(element), key or None, item, params) for element in items]
 
 
+def declared_paths(stage: "Stage") -> list[Path]:
+    """The stage's declared dependencies as paths: where a setting may point the stage."""
+    return [Path(d) for d in declared(stage.name, "deps", stage.raw_params)]
+
+
 def inputs_digest(stage: "Stage") -> str:
     """sha256 of every file the stage declares as a dependency (its code, data, start weights):
     resume state written before any of them changed is not this run's."""
@@ -177,7 +214,7 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
         parser.add_argument(f"--{foreach}", required=True,
                             help=f"name of an entry of {section}.{field_name}")
     # A stage relaunched under torchrun (train nproc > 1) gets its arguments from the
-    # environment (see _training.relaunch_under_torchrun).
+    # environment (see outputs.relaunch_under_torchrun).
     argv = json.loads(os.environ[STAGE_ARGV]) if STAGE_ARGV in os.environ else None
     args = parser.parse_args(argv)
     # If dvc (run by a Prefect task) is killed, stop too: no orphaned stage keeps computing.
@@ -265,7 +302,7 @@ class Tracker:
                 return None
             try:
                 return self.backend.call(name, *args, **kwargs)
-            except _tracking.CallFailed as exc:
+            except tracking.CallFailed as exc:
                 self.broken = True
                 warnings.warn(f"{self.stage}: MLflow stopped answering ({exc}); the stage goes "
                               f"on and writes its outputs, but MLflow misses the rest of this "
@@ -276,9 +313,9 @@ class Tracker:
 def require_mlflow(stage: Stage) -> None:
     """Exit 2 if MLflow is switched off (ANYORDER_TRACKING=off): for a stage whose output is
     in MLflow itself (the registry)."""
-    if _tracking.tracking_off():
+    if tracking.tracking_off():
         fail(f"{stage.name} writes into MLflow itself and MLflow is off "
-             f"({_tracking.OFF}={os.environ[_tracking.OFF]}); unset {_tracking.OFF} (MLflow must "
+             f"({tracking.OFF}={os.environ[tracking.OFF]}); unset {tracking.OFF} (MLflow must "
              f"be installed) to run it. Nothing was computed.")
 
 
@@ -288,7 +325,7 @@ def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = 
     """An MLflow run for the stage, nested under its pipeline run's parent, with the stage's
     declared params logged. Opened here, before the stage computes: an unreachable or broken
     store stops the stage (exit 2, nothing written). Later failures: see `Tracker`. The calls
-    go to the MLflow helper process when the stage has one (`_tracking`); `in_process`: to
+    go to the MLflow helper process when the stage has one (`pipeline.tracking`); `in_process`: to
     MLflow in this process (for a stage that also uses MLflow directly)."""
     uri = tracking_uri(stage.settings)
     group = pipeline_run_id(stage.params_path)
@@ -297,11 +334,11 @@ def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = 
         tags["prefect.flow_run_id"] = os.environ["ANYORDER_PREFECT_FLOW_RUN_ID"]
     if in_process:
         require_mlflow(stage)
-    mlflow = _tracking.backend(in_process)
+    mlflow = tracking.backend(in_process)
     try:
         mlflow.open(uri=uri, experiment=stage.settings.mlflow.experiment, group=group,
                     tags=tags, stage=stage.name, root=str(project_root()))
-    except _tracking.TrackingUnavailable as exc:
+    except tracking.TrackingUnavailable as exc:
         fail(f"MLflow tracking store {uri} cannot be used ({exc}); "
              f"start it, or point mlflow.tracking_uri in params.yaml (or MLFLOW_TRACKING_URI) at "
              f"a store that works. Nothing was computed.")

@@ -4,27 +4,12 @@ and seeded random orders, batch 1 and 32), and the runtime's test accuracy over 
 evaluate stage used against PyTorch's. Writes exports/<model>/ and metrics/export/<model>.json."""
 from pathlib import Path
 
-from _stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
+from pipeline.stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
 
-from anyorder.model.checkpoint import load_model
 from anyorder.data.prepared import load_split
-from anyorder.export.blocks import check_export, export_model
+from anyorder.export.blocks import check_export, export_model, runtime_accuracy
 from anyorder.files import atomic_write_json
-from anyorder.export.runtime import BlockRuntime
-
-
-def runtime_accuracy(export_dir: Path, evaluation: dict, images, labels) -> dict:
-    """The runtime's test accuracy in sequential order and in the evaluate stage's orders, next
-    to what PyTorch measured there (points = percentage points)."""
-    runtime = BlockRuntime(export_dir)
-    orders = [list(range(runtime.depth))] + evaluation["orders"]
-    normalised = runtime.preprocess(images)  # once, not once per order
-    ours = [float((runtime.run(normalised, order).predictions == labels).mean())
-            for order in orders]
-    theirs = [evaluation["sequential"]] + evaluation["order_accuracies"]
-    return {"sequential": ours[0], "arbitrary_mean": sum(ours[1:]) / len(ours[1:]),
-            "max_difference_points": 100 * max(abs(a - b) for a, b in zip(ours, theirs)),
-            "orders": len(orders)}
+from anyorder.model.checkpoint import load_model
 
 
 def main() -> None:

@@ -4,14 +4,14 @@ to models/selected/<select.name> with `selection.json` (every candidate's score)
 `evaluate.json` (the chosen run's test evaluation, for the export's manifest)."""
 import shutil
 
-from _stage import (FINETUNED, METRICS, PREPARED, SELECTED, begin, fail, read_json, track,
-                    user_errors)
+from pipeline.stage import (FINETUNED, METRICS, PREPARED, SELECTED, begin, fail, read_json, track,
+                            user_errors)
 
-from anyorder.model.checkpoint import load_model
 from anyorder.data.prepared import load_split
+from anyorder.device import resolve_device
 from anyorder.evaluation.accuracy import select_best
 from anyorder.files import atomic_directory, atomic_write_json
-from anyorder.device import resolve_device
+from anyorder.model.checkpoint import load_model
 
 
 def main() -> None:

@@ -2,14 +2,15 @@
 starting from the pre-trained sequential model, as in the paper. The run's knobs also make the
 paper's pruning baselines: `layerdrop_rate` (LayerDrop: blocks skipped during training, order
 kept) and `depth` (a shallower model: the pre-trained model's first `depth` blocks)."""
-from _stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
-from _training import train_and_log
+from pipeline.outputs import train_and_log
+from pipeline.stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
 
+from anyorder.device import resolve_device
+from anyorder.evaluation.orders import layerdrop_rates
 from anyorder.model.checkpoint import load_model, load_start_weights
 from anyorder.model.spec import variant_spec
 from anyorder.model.vit import build_model
-from anyorder.evaluation.orders import layerdrop_rates
-from anyorder.device import resolve_device
+from anyorder.training.loop import train_and_save
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     if run.knob("layerdrop_rate"):
         knobs["layerdrop"] = layerdrop_rates(model.depth, run.knob("layerdrop_rate"),
                                              run.knob("layerdrop_schedule"))
-    train_and_log(stage, model, run.training(cfg), run.seed, FINETUNED / run_name,
+    train_and_log(stage, train_and_save, model, run.training(cfg), run.seed, FINETUNED / run_name,
                   PLOTS / "train" / f"finetune-{run_name}.csv", **knobs)
 
 

@@ -4,13 +4,11 @@ Writes data/corrupted/<corruption>.npz (x: severities x N x H x W x 3 uint8, in 
 robustness.corruptions.severities) and manifest.json. Reruns only when the test split, the
 corruption code or robustness.corruptions change.
 """
-import numpy as np
+from pipeline.stage import CORRUPTED, PREPARED, begin, track, user_errors
 
-from _stage import CORRUPTED, PREPARED, begin, track, user_errors
-
-from anyorder.robustness.corruptions import corrupt
 from anyorder.data.prepared import load_split
 from anyorder.files import atomic_directory, atomic_write_bytes, atomic_write_json, npz_bytes
+from anyorder.robustness.corruptions import corrupt_severities
 
 
 def main() -> None:
@@ -21,7 +19,7 @@ def main() -> None:
     with track(stage) as mlflow:
         with atomic_directory(CORRUPTED) as out:
             for name in cfg.names:
-                stack = np.stack([corrupt(images, name, s, cfg.seed) for s in cfg.severities])
+                stack = corrupt_severities(images, name, cfg.severities, cfg.seed)
                 atomic_write_bytes(out / f"{name}.npz", npz_bytes({"x": stack}))
             atomic_write_json(out / "manifest.json", {
                 "names": list(cfg.names), "severities": list(cfg.severities), "seed": cfg.seed,

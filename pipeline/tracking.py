@@ -3,21 +3,23 @@
 Importing MLflow and opening its store costs a stage about 3.5 s of one core (2 s of imports,
 1.5 s for the SQLite store), and a stage that also imports torch and timm (5 s, one core) pays
 both in a row: over the default pipeline's 33 stages, 2 minutes. So a stage started by DVC hands
-MLflow to a helper process started the moment the stage imports `_stage`: the helper imports
-MLflow on the second core while the stage imports torch, then runs the stage's MLflow calls, sent
-as JSON lines over its stdin, one at a time and answered in order (a failing call fails in the
-stage as it would in-process). The stage opens its run before any compute as before, and ends it
-before it exits; if the stage dies, the helper reads the end of its input and exits.
+MLflow to a helper process started the moment the stage imports `pipeline.stage`: the helper
+imports MLflow on the second core while the stage imports torch, then runs the stage's MLflow
+calls, sent as JSON lines over its stdin, one at a time and answered in order (a failing call
+fails in the stage as it would in-process). The stage opens its run before any compute as
+before, and ends it before it exits; if the stage dies, the helper reads the end of its input and
+exits.
 
-`start_early()` starts the helper only when this process is a stage's entry point (a script that
-a dvc.yaml command runs); anywhere else (tests, the Prefect flow, a stage that must use MLflow
-in-process, like `register` that logs a model into its run) the calls go to MLflow in this
-process: `backend(in_process)` picks. ANYORDER_MLFLOW_HELPER=0 switches the helper off.
+`start_early()` starts the helper only when this process is a stage's entry point (a module of
+pipeline/stages that a dvc.yaml command runs); anywhere else (tests, the Prefect flow, a stage
+that must use MLflow in-process, like `register` that logs a model into its run) the calls go to
+MLflow in this process: `backend(in_process)` picks. ANYORDER_MLFLOW_HELPER=0 switches the
+helper off.
 
 ANYORDER_TRACKING=off switches MLflow off altogether, for a machine that has the library's
 packages but not MLflow (a lent GPU box): the stages compute and write their outputs and metrics/
 as usual (what DVC tracks), and nothing goes to MLflow. `register`, whose output is MLflow's
-registry, refuses to run then.
+registry (`register_export`), refuses to run then.
 """
 from __future__ import annotations
 
@@ -195,13 +197,14 @@ _helper: Optional[Helper] = None
 
 
 def _stage_scripts(root: Path) -> set[str]:
-    """The scripts dvc.yaml's commands run (`python pipeline/<script>.py ...`)."""
+    """The stage scripts dvc.yaml's commands run (`python -m pipeline.stages.<stage> ...`), by
+    file name."""
     import re
     try:
         text = (root / "dvc.yaml").read_text()
     except OSError:
         return set()
-    return set(re.findall(r"python\s+pipeline/(\w+\.py)", text))
+    return {f"{name}.py" for name in re.findall(r"python\s+-m\s+pipeline\.stages\.(\w+)", text)}
 
 
 def start_early(root: Path) -> None:
@@ -211,7 +214,7 @@ def start_early(root: Path) -> None:
     script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     if (_helper is not None or os.environ.get(SWITCH, "1") == "0" or tracking_off()
             or os.environ.get("RANK", "0") != "0" or script is None
-            or script.parent != PIPELINE or script.name not in _stage_scripts(root)):
+            or script.parent != PIPELINE / "stages" or script.name not in _stage_scripts(root)):
         return
     _helper = Helper.start()
 
@@ -226,10 +229,69 @@ def backend(in_process: bool = False):
     return _helper or InProcess()
 
 
+# -- the model registry: what the register stage writes -------------------------------------------
+
+def model_signature(manifest: dict, params: dict):
+    """Images in, logits / class / executed order out, and the runtime's inference params
+    (`params`: name -> (MLflow param type, default), as anyorder.pyfunc.PARAMS)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    size = manifest["image_size"]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, manifest["num_classes"]), "logits"),
+                        TensorSpec(np.dtype(np.int64), (-1,), "class_index"),
+                        TensorSpec(np.dtype(np.int64), (-1, -1), "executed_order")]),
+        params=ParamSchema([ParamSpec(name, kind, default)
+                            for name, (kind, default) in params.items()]))
+
+
+def requirements() -> list[str]:
+    """What the pyfunc imports at serving time, pinned (MLflow would spend seconds guessing).
+    This package itself must be installed where the model is loaded (see the README)."""
+    import numpy
+    import onnxruntime
+    return [f"numpy=={numpy.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+
+
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def register_export(export_dir: Path, manifest: dict, loader_module: str, params: dict,
+                    model_name: str, alias: str, verdict: dict, tags: dict) -> str:
+    """Log `export_dir` (its manifest: `manifest`) as a pyfunc model run by `loader_module`
+    (inference params: `params`) in the active MLflow run, register it as a new version of
+    `model_name`, tag it, and point `alias` at it if `verdict` passed. Returns the version."""
+    import mlflow
+    import numpy as np
+
+    size = manifest["image_size"]
+    info = mlflow.pyfunc.log_model(
+        name="model", loader_module=loader_module, data_path=str(export_dir),
+        signature=model_signature(manifest, params),
+        input_example=np.zeros((1, size, size, 3), np.uint8),
+        pip_requirements=requirements(), registered_model_name=model_name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    tags = {"anyorder.export_version": manifest["version"], "anyorder.variant": manifest["variant"],
+            "anyorder.gates": "passed" if verdict["passed"] else
+            "failed: " + "; ".join(verdict["failed"]),
+            **{f"metric.{name}": str(gate["value"]) for name, gate in verdict["gates"].items()},
+            **tags}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    if verdict["passed"]:
+        client.set_registered_model_alias(model_name, alias, version)
+    return version
+
+
 def serve() -> None:
     """The helper: MLflow's calls from stdin, a JSON answer per call on stdout."""
-    sys.path.insert(0, str(PIPELINE))
-    from processes import die_with_parent
+    from pipeline.orchestration.processes import die_with_parent
     die_with_parent()
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever MLflow prints goes to the stage's log, not into the answers
@@ -253,4 +315,5 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(PIPELINE.parent))  # run as a file: the package `pipeline` beside it
     serve()

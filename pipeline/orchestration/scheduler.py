@@ -1,14 +1,14 @@
 """Start a local Prefect server and serve the scheduled pipeline deployment; Ctrl-C stops both.
 
-    python pipeline/scheduler.py [--cron EXPR] [--config pipeline/schedule.yaml]   (= make serve)
+    python -m pipeline.orchestration.scheduler [--cron EXPR] [--config FILE]   (= make serve)
 
-1. checks pipeline/schedule.yaml (cron, timezone, parameters) and params.yaml: refused before
-   anything starts if one is bad;
+1. checks pipeline/orchestration/schedule.yaml (cron, timezone, parameters) and params.yaml:
+   refused before anything starts if one is bad;
 2. starts `prefect server start` on the host/port of the config (127.0.0.1:4200), its SQLite
    database under $PREFECT_HOME (default: <project>/.prefect), and waits until it is healthy
    (if a server already answers there it is used, and left running at the end);
-3. runs `python pipeline/flow.py serve`, which registers the deployment with its cron schedule
-   and runs the flow runs it schedules (or that `make trigger` asks for);
+3. runs `python pipeline/orchestration/flow.py serve`, which registers the deployment with its
+   cron schedule and runs the flow runs it schedules (or that `make trigger` asks for);
 4. on Ctrl-C / SIGTERM (or if either child exits) stops the serve process first (it pauses the
    schedule and marks its runs through the server's API, so it needs the server), then the
    server: each gets SIGINT (a Ctrl-C), then SIGTERM/SIGKILL for anything left in its process
@@ -25,10 +25,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+ROOT = HERE.parents[1]
+if str(ROOT) not in sys.path:  # run as a file
+    sys.path.insert(0, str(ROOT))
 
-import processes  # noqa: E402
+from pipeline.orchestration import processes  # noqa: E402
 
 # Settings of the local server. Its SQLite store allows one writer at a time, and Prefect's
 # "late runs" service, which relabels overdue scheduled runs "Late", wrote in deferred
@@ -95,7 +96,7 @@ def start_server(host: str, port: int) -> subprocess.Popen:
 def wait_until_healthy(server: subprocess.Popen, api_url: str, host: str, port: int,
                        shutdown: Shutdown) -> int | None:
     """None once the server answers; else the exit code (0: asked to stop, 1: it failed)."""
-    import dvc_graph as dg
+    from pipeline.orchestration import dvc_graph as dg
     started = time.monotonic()
     while not dg.server_up(api_url):
         if shutdown.requested or server.poll() is not None or time.monotonic() - started > 120:
@@ -129,9 +130,9 @@ def watch(serve: subprocess.Popen, server: subprocess.Popen | None, shutdown: Sh
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import env
+    from pipeline import env
     env.apply()
-    import dvc_graph as dg
+    from pipeline.orchestration import dvc_graph as dg
     try:
         config = dg.load_schedule(args.config, args.cron)
         overrides = dg.parse_overrides(config["parameters"].get("set_params"))
