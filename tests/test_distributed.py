@@ -95,6 +95,7 @@ def test_shards_cover_the_global_batch_once():
                 min(map(len, (range(size)[p] for p in parts))) <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_a_killed_run_resumes(tmp_path, prepared):
     out, state = tmp_path / "two", tmp_path / "state"
     killed = torchrun(tmp_path, prepared, out, state, kill_after=1)

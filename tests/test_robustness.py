@@ -98,6 +98,7 @@ def trained_tiny(digits16):
     return model
 
 
+@pytest.mark.slow
 def test_synthesis_on_a_trained_model_converges_within_the_default_budget(digits16, trained_tiny):
     settings = SynthesisConfig()  # the defaults params.yaml also sets
     train_images = digits16["train"][0]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT, copy_tiny_project
 
 RACER = """
@@ -21,6 +23,7 @@ print(tracking.experiment_and_parent(client, "race", "pipeline-run-42", {{}}, Pa
 """
 
 
+@pytest.mark.slow
 def test_stages_starting_together_create_one_parent_run(tmp_path):
     import mlflow
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
