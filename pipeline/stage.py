@@ -54,9 +54,6 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
     return Path(root.split(marker)[0]) if marker in root else Path(root)
 
 
-# Started now, while the stage goes on to import torch: see pipeline.tracking.
-tracking.start_early(project_root())
-
 
 # Outputs, relative to the directory DVC runs stages in (the project, or a temp experiment copy).
 PREPARED = Path("data/prepared")
@@ -320,21 +317,21 @@ def require_mlflow(stage: Stage) -> None:
 
 
 @contextmanager
-def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = False
+def track(stage: Stage, extra_params: Optional[dict] = None, writes_mlflow: bool = False
           ) -> Iterator[Tracker]:
     """An MLflow run for the stage, nested under its pipeline run's parent, with the stage's
     declared params logged. Opened here, before the stage computes: an unreachable or broken
-    store stops the stage (exit 2, nothing written). Later failures: see `Tracker`. The calls
-    go to the MLflow helper process when the stage has one (`pipeline.tracking`); `in_process`: to
-    MLflow in this process (for a stage that also uses MLflow directly)."""
+    store stops the stage (exit 2, nothing written). Later failures: see `Tracker`.
+    `writes_mlflow`: the stage's output is in MLflow itself (the registry), so it refuses to run
+    with MLflow switched off."""
     uri = tracking_uri(stage.settings)
     group = pipeline_run_id(stage.params_path)
     tags = {"anyorder.pipeline_run_id": group}
     if os.environ.get("ANYORDER_PREFECT_FLOW_RUN_ID"):
         tags["prefect.flow_run_id"] = os.environ["ANYORDER_PREFECT_FLOW_RUN_ID"]
-    if in_process:
+    if writes_mlflow:
         require_mlflow(stage)
-    mlflow = tracking.backend(in_process)
+    mlflow = tracking.backend()
     try:
         mlflow.open(uri=uri, experiment=stage.settings.mlflow.experiment, group=group,
                     tags=tags, stage=stage.name, root=str(project_root()))
@@ -352,4 +349,3 @@ def track(stage: Stage, extra_params: Optional[dict] = None, in_process: bool = 
         status = "FINISHED"
     finally:
         tracker.end_run(status=status)
-        mlflow.close()

@@ -1,40 +1,23 @@
-"""MLflow for the stages, off the critical path.
+"""MLflow for the stages, in the stage's own process.
 
-Importing MLflow and opening its store costs a stage about 3.5 s of one core (2 s of imports,
-1.5 s for the SQLite store), and a stage that also imports torch and timm (5 s, one core) pays
-both in a row. Measured on the whole default pipeline (every stage rerun, 2 cores), the helper
-below saves 30 s of 13 min 7 s (3.8%; docs/pipeline.md). So a stage started by DVC hands
-MLflow to a helper process started the moment the stage imports `pipeline.stage`: the helper
-imports MLflow on the second core while the stage imports torch, then runs the stage's MLflow
-calls, sent as JSON lines over its stdin, one at a time and answered in order (a failing call
-fails in the stage as it would in-process). The stage opens its run before any compute as
-before, and ends it before it exits; if the stage dies, the helper reads the end of its input and
-exits.
-
-`start_early()` starts the helper only when this process is a stage's entry point (a module of
-pipeline/stages that a dvc.yaml command runs); anywhere else (tests, the Prefect flow, a stage
-that must use MLflow in-process, like `register` that logs a model into its run) the calls go to
-MLflow in this process: `backend(in_process)` picks. ANYORDER_MLFLOW_HELPER=0 switches the
-helper off.
+A stage opens its MLflow run before any compute (`pipeline.stage.track`), nested under the parent
+run of its pipeline run (`experiment_and_parent`), and ends it before it exits.
 
 ANYORDER_TRACKING=off switches MLflow off altogether, for a machine that has the library's
-packages but not MLflow (a lent GPU box): the stages compute and write their outputs and metrics/
-as usual (what DVC tracks), and nothing goes to MLflow. `register`, whose output is MLflow's
-registry (`register_export`), refuses to run then.
+packages but not MLflow (a GPU box): the stages compute and write their outputs and metrics/ as
+usual (what DVC tracks), and nothing goes to MLflow. `register`, whose output is MLflow's registry
+(`register_export`), refuses to run then.
 """
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-PIPELINE = Path(__file__).resolve().parent
-SWITCH = "ANYORDER_MLFLOW_HELPER"
 OFF = "ANYORDER_TRACKING"
 
 
@@ -105,16 +88,13 @@ class Off:
     def call(self, name: str, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def close(self) -> None:
-        pass
-
 
 class InProcess:
     """MLflow in this process."""
 
     def open(self, **request: Any) -> None:
-        import mlflow
         try:
+            import mlflow
             open_run(mlflow, **request)
         except Exception as exc:
             raise TrackingUnavailable(_describe(exc)) from exc
@@ -126,108 +106,10 @@ class InProcess:
         except Exception as exc:
             raise CallFailed(_describe(exc)) from exc
 
-    def close(self) -> None:
-        pass
 
-
-def _plain(value: Any) -> Any:
-    """JSON for what stages log besides str/int/float/dict/list: numpy values and paths."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"cannot send a {type(value).__name__} to the MLflow helper")
-
-
-class Helper:
-    """The MLflow helper process, seen from the stage."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
-
-    @classmethod
-    def start(cls) -> "Helper":
-        return cls(subprocess.Popen([sys.executable, str(Path(__file__).resolve())],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-
-    def _ask(self, message: dict) -> Optional[str]:
-        """Send one request; None when it succeeded, else the helper's `Type: message`."""
-        try:
-            text = json.dumps(message, default=_plain)
-        except (TypeError, ValueError) as exc:
-            return _describe(exc)
-        try:
-            self.process.stdin.write(text + "\n")
-            self.process.stdin.flush()
-            line = self.process.stdout.readline()
-        except (BrokenPipeError, OSError) as exc:
-            return f"MLflow helper process gone ({_describe(exc)})"
-        if not line:
-            return f"MLflow helper process exited (code {self.process.wait()})"
-        reply = json.loads(line)
-        return None if reply["ok"] else reply["error"]
-
-    def open(self, **request: Any) -> None:
-        error = self._ask({"op": "open", **request})
-        if error:
-            raise TrackingUnavailable(error)
-
-    def call(self, name: str, *args: Any, **kwargs: Any) -> None:
-        error = self._ask({"op": "call", "name": name, "args": list(args), "kwargs": kwargs})
-        if error:
-            raise CallFailed(error)
-
-    def close(self) -> None:
-        """Let the helper finish (its input ends) and wait for it; a later run of this process
-        uses MLflow in-process."""
-        global _helper
-        if _helper is self:
-            _helper = None
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-_helper: Optional[Helper] = None
-
-
-def _stage_scripts(root: Path) -> set[str]:
-    """The stage scripts dvc.yaml's commands run (`python -m pipeline.stages.<stage> ...`), by
-    file name."""
-    import re
-    try:
-        text = (root / "dvc.yaml").read_text()
-    except OSError:
-        return set()
-    return {f"{name}.py" for name in re.findall(r"python\s+-m\s+pipeline\.stages\.(\w+)", text)}
-
-
-def start_early(root: Path) -> None:
-    """Start the helper if this process is a stage's entry point (see the module doc), rank 0 of
-    a torchrun launch included and the other ranks not (they never track)."""
-    global _helper
-    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
-    if (_helper is not None or os.environ.get(SWITCH, "1") == "0" or tracking_off()
-            or os.environ.get("RANK", "0") != "0" or script is None
-            or script.parent != PIPELINE / "stages" or script.name not in _stage_scripts(root)):
-        return
-    _helper = Helper.start()
-
-
-def backend(in_process: bool = False):
-    """Where this stage's MLflow calls go: the helper if one was started (and the stage does not
-    ask for MLflow in-process; a helper not wanted is let go), else this process."""
-    if _helper is not None and in_process:
-        _helper.close()
-    if tracking_off():
-        return Off()
-    return _helper or InProcess()
+def backend():
+    """Where this stage's MLflow calls go: MLflow in this process, or nowhere when it is off."""
+    return Off() if tracking_off() else InProcess()
 
 
 # -- the model registry: what the register stage writes -------------------------------------------
@@ -288,33 +170,3 @@ def register_export(export_dir: Path, manifest: dict, loader_module: str, params
     if verdict["passed"]:
         client.set_registered_model_alias(model_name, alias, version)
     return version
-
-
-def serve() -> None:
-    """The helper: MLflow's calls from stdin, a JSON answer per call on stdout."""
-    from pipeline.orchestration.processes import die_with_parent
-    die_with_parent()
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # whatever MLflow prints goes to the stage's log, not into the answers
-    import mlflow
-    try:  # the SQLite store's code, loaded before the stage asks for it (harmless otherwise)
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    except Exception:
-        pass
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            if request.pop("op") == "open":
-                open_run(mlflow, **request)
-            else:
-                getattr(mlflow, request["name"])(*request["args"], **request["kwargs"])
-            answer: dict = {"ok": True}
-        except Exception as exc:
-            answer = {"ok": False, "error": _describe(exc)}
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(PIPELINE.parent))  # run as a file: the package `pipeline` beside it
-    serve()

@@ -44,66 +44,37 @@ def test_stages_starting_together_create_one_parent_run(tmp_path):
     assert [run.info.run_id for run in found] == list(parents)
 
 
-# -- the MLflow helper process (pipeline/tracking.py) ----------------------------------------------
+# -- a stage's run ---------------------------------------------------------------------------------
 
-PROBE = """
-import atexit, os, sys
-def _report():
-    if sys.argv and sys.argv[0].endswith("prepare.py"):
-        with open(os.environ["PROBE_FILE"], "w") as f:
-            f.write(str("mlflow" in sys.modules))
-atexit.register(_report)
-if sys.argv and sys.argv[0].endswith("pipeline/tracking.py") and os.environ.get("HELPER_DIES"):
-    import mlflow
-    def die(*args, **kwargs):
-        os._exit(3)
-    mlflow.log_metrics = die
-"""
-
-
-def run_prepare(root, tmp_path, run_id: str, **env):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(PROBE)
+def run_prepare(root, run_id: str):
     environ = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-               "PYTHONPATH": str(hooks), "PROBE_FILE": str(tmp_path / "probe"),
-               "ANYORDER_PIPELINE_RUN_ID": run_id, **env}
+               "ANYORDER_PIPELINE_RUN_ID": run_id}
     proc = subprocess.run([sys.executable, "-m", "pipeline.stages.prepare"], cwd=root, env=environ,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return proc, (tmp_path / "probe").read_text() == "True"
 
 
-def stage_run(root, run_id: str):
+def stage_runs(root, run_id: str):
     import mlflow
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("anyorder")
-    [found] = client.search_runs([experiment.experiment_id], (
+    return client, client.search_runs([experiment.experiment_id], (
         f"tags.`anyorder.pipeline_run_id` = '{run_id}' and tags.`anyorder.role` = 'stage'"))
-    return found
 
 
-def test_a_stage_hands_mlflow_to_its_helper_and_records_the_same_run(tmp_path):
+def test_a_stage_records_its_params_and_metrics_under_its_pipeline_runs_parent(tmp_path):
     root = copy_tiny_project(tmp_path / "p")
-    _, imported = run_prepare(root, tmp_path, "with-helper")
-    assert not imported  # MLflow ran in the helper process, not in the stage's
-    _, imported = run_prepare(root, tmp_path, "in-process", ANYORDER_MLFLOW_HELPER="0")
-    assert imported
-    helped, direct = stage_run(root, "with-helper"), stage_run(root, "in-process")
-    assert helped.info.status == direct.info.status == "FINISHED"
-    assert helped.data.params == direct.data.params and helped.data.params
-    assert helped.data.metrics == direct.data.metrics and helped.data.metrics
-    assert helped.data.tags["anyorder.stage"] == "prepare"
-    assert helped.data.tags["mlflow.parentRunId"] != direct.data.tags["mlflow.parentRunId"]
-
-
-def test_a_helper_that_dies_mid_stage_is_a_warning_and_the_outputs_are_written(tmp_path):
-    root = copy_tiny_project(tmp_path / "p")
-    proc, _ = run_prepare(root, tmp_path, "helper-dies", HELPER_DIES="1")
-    assert "prepare: MLflow stopped answering (MLflow helper process exited (code 3))" in \
-        proc.stderr
-    assert (root / "data/prepared/meta.json").is_file()
-    assert stage_run(root, "helper-dies").info.status == "RUNNING"  # as if MLflow were killed
+    run_prepare(root, "run-a")
+    run_prepare(root, "run-b")
+    client, [first] = stage_runs(root, "run-a")
+    _, [second] = stage_runs(root, "run-b")
+    assert first.info.status == "FINISHED" and first.data.tags["anyorder.stage"] == "prepare"
+    assert first.data.params["data.split_seed"] == "0"
+    assert first.data.metrics and first.data.metrics == second.data.metrics
+    parent = client.get_run(first.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["anyorder.role"] == "pipeline"
+    assert parent.data.tags["anyorder.pipeline_run_id"] == "run-a"
+    assert second.data.tags["mlflow.parentRunId"] != parent.info.run_id
 
 
 # -- MLflow off (ANYORDER_TRACKING=off): a machine with the library's packages but not MLflow ------

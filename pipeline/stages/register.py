@@ -31,8 +31,7 @@ def main() -> None:
             "anyorder.pipeline_run_id": pipeline_run_id(stage.params_path)}
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
-    # In-process MLflow: the model is logged into this stage's run (not by a helper process).
-    with track(stage, in_process=True) as tracker:
+    with track(stage, writes_mlflow=True) as tracker:
         import mlflow
 
         try:  # the registry is this stage's output: failing to write it fails the stage
