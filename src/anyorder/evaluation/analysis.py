@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from anyorder.evaluation.accuracy import accuracy_for_orders, stem_tokens
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.model.vit import AnyOrderViT
 from anyorder.evaluation.orders import generator_for, random_orders
 
 
@@ -24,7 +24,7 @@ def slot_confusion(model: AnyOrderViT, images: np.ndarray, num_orders: int, seed
                    batch_size: int = 256, device: torch.device | str = "cpu") -> dict:
     """Predicted vs actual slot of an LS-pred model over `num_orders` seeded random orders:
     {"matrix": depth x depth counts (rows: actual slot), "accuracy": fraction right}."""
-    if model.variant != "ls_pred":
+    if not model.behaviour.predicts_slot:
         raise ValueError(f"slot confusion needs an ls_pred model, got {model.variant}")
     device = torch.device(device)
     model.to(device).eval()
@@ -92,7 +92,7 @@ def slot_contribution(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray
                       device: torch.device | str = "cpu", shuffled: Optional[bool] = None) -> dict:
     """Per slot s: mean accuracy drop when the block at slot s is skipped (the others keep their
     order), over `num_orders` seeded random orders (LayerShuffle) or the sequential order."""
-    shuffled = SHUFFLED_TRAINING[model.variant] if shuffled is None else shuffled
+    shuffled = model.behaviour.shuffled_training if shuffled is None else shuffled
     orders = (random_orders(model.depth, num_orders, seed) if shuffled
               else [model.sequential_order()])
     skipped = [order[:s] + order[s + 1:] for order in orders for s in range(model.depth)]

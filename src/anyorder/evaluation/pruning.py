@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from anyorder.evaluation.accuracy import accuracy_for_orders, summarize
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.model.vit import AnyOrderViT
 from anyorder.evaluation.orders import STREAM_PRUNING, generator_for
 
 
@@ -73,7 +73,7 @@ def pruning_curve(model: AnyOrderViT, images: np.ndarray, labels: np.ndarray, su
     order, accuracy}], "single_block": {per_block: {block: mean accuracy without it},
     most_harmful, least_harmful}, ...}. `shuffled` defaults to how the variant was trained.
     """
-    shuffled = SHUFFLED_TRAINING[model.variant] if shuffled is None else shuffled
+    shuffled = model.behaviour.shuffled_training if shuffled is None else shuffled
     plan = pruning_plan(model.depth, subsets, seed, shuffled)
     flat = [(removed, order) for removed, orders in plan.items() for order in orders]
     accuracies = accuracy_for_orders(model, images, labels, [o for _, o in flat], batch_size,

@@ -42,7 +42,7 @@ def analyse(models: dict, images: np.ndarray, labels: np.ndarray, cfg, device):
                          "projection": {"block": cfg.block, "method": cfg.projection,
                                         "num_images": int(len(subset)),
                                         "slot_separation": separation}}
-        if model.variant == "ls_pred":
+        if model.behaviour.predicts_slot:
             confusions[name] = slot_confusion(model, images, cfg.num_orders, cfg.seed,
                                               cfg.batch_size, device)
             results[name]["slot_confusion"] = confusions[name]

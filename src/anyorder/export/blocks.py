@@ -59,10 +59,10 @@ class _Block(nn.Module):
         self.model, self.index = model, index
 
     def forward(self, tokens: torch.Tensor, slot: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if slot is not None:  # ls_pos: the table row of the slot this block runs at
-            tokens = self.model.slot_adapters[self.index](
-                tokens, self.model.slot_embedding(self.index, slot[0]))
-        return self.model.vit.blocks[self.index](tokens)
+        if slot is None:
+            return self.model.vit.blocks[self.index](tokens)
+        # The variant's blocks read their execution slot (LS-pos: the slot table's row).
+        return self.model.run_block(tokens, self.index, slot[0])
 
 
 @contextmanager
@@ -136,7 +136,7 @@ def _export_graphs(model: AnyOrderViT, out: Path, opset: int) -> torch.Tensor:
     tokens = model.forward_stem(images)
     _export_graph(_Part(model, "forward_stem"), (images,), out / STEM, ["images"], "tokens",
                   opset)
-    slotted = model.variant == "ls_pos"
+    slotted = model.behaviour.slot_input
     for index in range(model.depth):
         args = (tokens, torch.tensor([0], dtype=torch.long)) if slotted else (tokens,)
         _export_graph(_Block(model, index), args, out / block_file(index),
@@ -174,7 +174,7 @@ def _manifest(model: AnyOrderViT, out: Path, name: str, tokens: torch.Tensor, op
         "mean": list(spec.mean),
         "std": list(spec.std),
         "input": "float32 (N, 3, H, W), RGB scaled to [0, 1] then (x - mean) / std",
-        "slot_input": model.variant == "ls_pos",
+        "slot_input": model.behaviour.slot_input,
         "opset": opset,
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "torch": torch.__version__.split("+")[0], "timm": timm.__version__},

@@ -30,7 +30,7 @@ from anyorder.errors import InputError
 from anyorder.evaluation.accuracy import accuracy_for_orders, random_order_accuracy
 from anyorder.files import atomic_write_bytes
 from anyorder.model.spec import ModelSpec
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT, build_model
+from anyorder.model.vit import AnyOrderViT, build_model
 from anyorder.evaluation.orders import generator_for
 
 # What sources must agree on to exchange blocks (drop_path_rate is a training setting).
@@ -157,7 +157,7 @@ def merge_models(recipe: Recipe, models: dict[str, AnyOrderViT]) -> AnyOrderViT:
                 if key.startswith(theirs):
                     state[own + key[len(theirs):]] = value
     spec = ModelSpec.from_dict(base.spec.to_dict())
-    if base.variant == "ls_pos":  # each block keeps the slot table it was trained with
+    if base.behaviour.slot_input:  # each block keeps the slot table it was trained with
         tables = [block_slot_table(models[source], block) for source, block in recipe.slots]
         if any(not torch.equal(t, tables[0]) for t in tables) or spec.slot_tables != "shared":
             for key in ("slot_table", "block_slot_tables"):
@@ -171,15 +171,13 @@ def merge_models(recipe: Recipe, models: dict[str, AnyOrderViT]) -> AnyOrderViT:
 
 def block_slot_table(model: AnyOrderViT, block: int) -> torch.Tensor:
     """LS-pos: the slot table (slots x width) block `block` of `model` reads its slot from."""
-    if model.spec.slot_tables == "per_block":
-        return model.block_slot_tables[block].detach()
-    return model.slot_table.detach()
+    return model.behaviour.slot_table(model, block).detach()
 
 
 def slot_table_sources(recipe: Recipe, merged: AnyOrderViT) -> Optional[dict]:
     """For the merge card: which slot table each block of an LS-pos merge reads (the table of
     the source it came from); None for other variants."""
-    if merged.variant != "ls_pos":
+    if not merged.behaviour.slot_input:
         return None
     return {"layout": merged.spec.slot_tables,
             "per_slot": [f"{source}:{block}" for source, block in recipe.slots]}
@@ -199,10 +197,10 @@ class Scorer:
     device: str | torch.device = "cpu"
 
     def mode(self, model: AnyOrderViT) -> str:
-        return "arbitrary" if SHUFFLED_TRAINING[model.variant] else "sequential"
+        return "arbitrary" if model.behaviour.shuffled_training else "sequential"
 
     def __call__(self, model: AnyOrderViT) -> float:
-        if SHUFFLED_TRAINING[model.variant]:
+        if model.behaviour.shuffled_training:
             return random_order_accuracy(model, self.images, self.labels, self.num_orders,
                                          self.seed, self.batch_size, self.device)["mean"]
         return accuracy_for_orders(model, self.images, self.labels, [None], self.batch_size,

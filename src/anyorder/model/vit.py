@@ -5,13 +5,8 @@ The wrapped timm model is used as is (never forked). What changes is how its blo
 order; a shorter list is a pruned model. Training, evaluation, pruning, merging and export all go
 through that one path.
 
-Variants (spec section 1):
-- ``sequential``: the baseline; trained in order 0..L-1.
-- ``ls``: blocks run in a random order each batch; nothing else changes.
-- ``ls_pos``: each block gets an adapter told the slot it runs at:
-  ``h = h + GELU(Linear(LayerNorm(concat(h, E[slot]))))`` with one shared table E (L x 32).
-- ``ls_pred``: each block owns a head (LayerNorm, Linear(dim -> L)) that predicts, from its
-  mean-pooled output, the slot it ran at; trained with cross-entropy next to the class loss.
+What each variant (sequential, ls, ls_pos, ls_pred) adds or changes is in
+`anyorder.model.variants`, one class per variant, which the model asks through `behaviour`.
 
 The model spec and the timm ViT it names are built in `anyorder.model.spec`.
 """
@@ -22,56 +17,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from anyorder.model.settings import VARIANTS
 from anyorder.model.spec import ModelSpec, build_timm_vit
+from anyorder.model.variants import (BEHAVIOURS, SHUFFLED_TRAINING, SLOT_TABLES, VARIANT_PARTS,
+                                     PositionHead, SlotAdapter, Variant)
 
-# Which variants are trained with shuffled orders. A registry, not an if-chain.
-SHUFFLED_TRAINING = {"sequential": False, "ls": True, "ls_pos": True, "ls_pred": True}
-# The state-dict prefixes of what a variant adds to timm's ViT (new at the start of a fine-tune).
-VARIANT_PARTS = {"sequential": (), "ls": (),
-                 "ls_pos": ("slot_table", "block_slot_tables", "slot_adapters."),
-                 "ls_pred": ("position_heads.",)}
-SLOT_TABLES = ("shared", "per_block")  # LS-pos: one table for all blocks, or one per block
-
+__all__ = ["VARIANTS", "SHUFFLED_TRAINING", "SLOT_TABLES", "VARIANT_PARTS", "AnyOrderViT",
+           "ExecutionOrder", "ForwardOutput", "PositionHead", "SlotAdapter", "build_model"]
 
 ExecutionOrder = Union[Sequence[int], torch.Tensor]
-
-
-class SlotAdapter(nn.Module):
-    """LS-pos adapter: tells a block which execution slot it runs at.
-
-    The Linear starts at zero so that the adapter is the identity when fine-tuning begins
-    (GELU(0) = 0): an LS-pos fine-tune starts exactly from the pre-trained model instead of from a
-    randomly perturbed one. The reference code initialises only the table at zero.
-    """
-
-    def __init__(self, dim: int, position_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim + position_dim)
-        self.proj = nn.Linear(dim + position_dim, dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, tokens: torch.Tensor, slot_embedding: torch.Tensor) -> torch.Tensor:
-        # slot_embedding: (P,) shared by the batch, or (N, P) one per sample.
-        if slot_embedding.dim() == 1:
-            slot_embedding = slot_embedding.expand(tokens.shape[0], -1)
-        broadcast = slot_embedding[:, None, :].expand(-1, tokens.shape[1], -1)
-        return tokens + F.gelu(self.proj(self.norm(torch.cat([tokens, broadcast], dim=-1))))
-
-
-class PositionHead(nn.Module):
-    """LS-pred head: predicts the execution slot from a block's mean-pooled output tokens."""
-
-    def __init__(self, dim: int, num_slots: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, num_slots)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(tokens.mean(dim=1)))
 
 
 @dataclass
@@ -101,21 +56,17 @@ class AnyOrderViT(nn.Module):
         if spec.slot_tables not in SLOT_TABLES:
             raise ValueError(f"unknown slot_tables {spec.slot_tables!r}; known: "
                              f"{', '.join(SLOT_TABLES)}")
-        if spec.variant == "ls_pos":
-            width = spec.position_embedding_dim
-            if spec.slot_tables == "per_block":
-                self.block_slot_tables = nn.Parameter(torch.zeros(self.depth, self.depth, width))
-            else:
-                self.slot_table = nn.Parameter(torch.zeros(self.depth, width))
-            self.slot_adapters = nn.ModuleList(SlotAdapter(dim, width) for _ in range(self.depth))
-        if spec.variant == "ls_pred":
-            self.position_heads = nn.ModuleList(PositionHead(dim, self.depth)
-                                                for _ in range(self.depth))
+        self.behaviour.build(self, dim)
 
     # -- timm's vocabulary, split where our extensions need a seam --------------------------------
     @property
     def variant(self) -> str:
         return self.spec.variant
+
+    @property
+    def behaviour(self) -> Variant:
+        """What this model's variant adds and changes (`anyorder.model.variants`)."""
+        return BEHAVIOURS[self.spec.variant]
 
     def sequential_order(self) -> list[int]:
         return list(range(self.depth))
@@ -158,12 +109,14 @@ class AnyOrderViT(nn.Module):
         The position logits list has one (N, depth) tensor per slot run (empty unless ls_pred).
         """
         order = self.check_order(execution_order, tokens.shape[0])
+        behaviour = self.behaviour
         position_logits: list[torch.Tensor] = []
         if order.dim() == 1:
             for slot, block_index in enumerate(order.tolist()):
                 tokens = self.run_block(tokens, block_index, slot)
-                if self.variant == "ls_pred":
-                    position_logits.append(self.position_heads[block_index](tokens))
+                block_logits = behaviour.position_logits(self, tokens, block_index)
+                if block_logits is not None:
+                    position_logits.append(block_logits)
             return tokens, position_logits
         # One order per sample: at each slot, group the samples by the block they run.
         # Results are gathered in buffers of the dtype the blocks return: under autocast a block
@@ -179,8 +132,8 @@ class AnyOrderViT(nn.Module):
                 if new_tokens is None:
                     new_tokens = out.new_empty((batch, *out.shape[1:]))
                 new_tokens[rows] = out
-                if self.variant == "ls_pred":
-                    head_out = self.position_heads[block_index](out)
+                head_out = behaviour.position_logits(self, out, block_index)
+                if head_out is not None:
                     if slot_logits is None:
                         slot_logits = head_out.new_empty((batch, head_out.shape[1]))
                     slot_logits[rows] = head_out
@@ -191,16 +144,8 @@ class AnyOrderViT(nn.Module):
 
     def run_block(self, tokens: torch.Tensor, block_index: int, slot: int) -> torch.Tensor:
         """One block at one execution slot (the slot matters to LS-pos only)."""
-        if self.variant == "ls_pos":
-            tokens = self.slot_adapters[block_index](tokens, self.slot_embedding(block_index, slot))
+        tokens = self.behaviour.before_block(self, tokens, block_index, slot)
         return self.vit.blocks[block_index](tokens)
-
-    def slot_embedding(self, block_index: int, slot) -> torch.Tensor:
-        """LS-pos: the row of the slot table that block `block_index` reads at execution slot
-        `slot` (the shared table, or the block's own in a model of per-block tables)."""
-        if self.spec.slot_tables == "per_block":
-            return self.block_slot_tables[block_index][slot]
-        return self.slot_table[slot]
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block -> logits (N, num_classes): final norm, pool, head."""
@@ -248,19 +193,14 @@ class AnyOrderViT(nn.Module):
 
     def variant_parts(self) -> tuple[str, ...]:
         """The state-dict prefixes of what this variant adds to timm's ViT."""
-        return VARIANT_PARTS[self.variant]
+        return self.behaviour.parts
 
     def block_state_prefixes(self, block_index: int) -> tuple[str, ...]:
         """The state-dict prefixes of everything that belongs to one block and moves with it
         when blocks are merged: the timm block, and its LS-pos adapter or LS-pred head. The rest
         (stem, final norm, head) belongs to the model; the slot table an LS-pos block was trained
         with is a row of one tensor, which `anyorder.model.merge` moves with the block."""
-        prefixes = [f"vit.blocks.{block_index}."]
-        if self.variant == "ls_pos":
-            prefixes.append(f"slot_adapters.{block_index}.")
-        if self.variant == "ls_pred":
-            prefixes.append(f"position_heads.{block_index}.")
-        return tuple(prefixes)
+        return (f"vit.blocks.{block_index}.", *self.behaviour.block_prefixes(block_index))
 
     def prune_layers(self, keep: Sequence[int]) -> list[int]:
         """The sequential order restricted to the blocks in `keep` (for test-time pruning)."""

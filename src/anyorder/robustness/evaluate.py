@@ -15,7 +15,7 @@ import torch
 
 from anyorder.robustness.attacks import PixelModel, attack
 from anyorder.robustness.corruption_names import FAMILY_OF
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.model.vit import AnyOrderViT
 from anyorder.robustness.nullspace import (exact_noise_like, exact_nullspace, invariance,
                                            synthesize_noise)
 from anyorder.robustness.settings import RobustnessConfig, SynthesisConfig
@@ -35,7 +35,7 @@ def order_groups(model: AnyOrderViT, num_images: int, num_orders: int, seed: int
     model trained shuffled also "random_orders": `num_orders` seeded random orders, each image
     assigned one of them at random (each order runs as whole batches: as fast as sequential)."""
     modes: dict[str, Groups] = {"sequential": [(np.arange(num_images), None)]}
-    if SHUFFLED_TRAINING[model.variant]:
+    if model.behaviour.shuffled_training:
         orders = random_orders(model.depth, num_orders, seed)
         generator = np.random.default_rng([int(seed) & 0xFFFFFFFF, num_images])
         assignment = generator.integers(0, len(orders), num_images)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from anyorder.errors import RunFailed
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.model.vit import AnyOrderViT
 from anyorder.data.inputs import to_model_input
 from anyorder.robustness.settings import SynthesisConfig
 
@@ -194,7 +194,7 @@ def synthesize_noise(model: AnyOrderViT, images: np.ndarray, settings: Synthesis
     are left as they were.
     """
     device = torch.device(device)
-    shuffled = SHUFFLED_TRAINING[model.variant] if shuffled is None else shuffled
+    shuffled = model.behaviour.shuffled_training if shuffled is None else shuffled
     if len(images) == 0:
         raise ValueError("the noise synthesis needs training images; got none")
     noise = ((torch.rand(noise_shape(model), generator=generator) * 2 - 1) * settings.lim).to(device)

@@ -23,12 +23,12 @@ from anyorder.training.settings import TrainConfig
 from anyorder.data.inputs import random_shift, to_model_input
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
-from anyorder.evaluation.accuracy import accuracy_for_orders, random_order_accuracy
+from anyorder.evaluation.accuracy import accuracy_for_orders, summarize
 from anyorder.evaluation.orders import (STREAM_AUGMENT, STREAM_BATCHES, STREAM_GLOBAL, STREAM_NOISE,
-                                        epoch_orders, generator_for)
+                                        epoch_orders, generator_for, random_orders)
 from anyorder.files import atomic_write_json
 from anyorder.model.checkpoint import save_model
-from anyorder.model.vit import SHUFFLED_TRAINING, AnyOrderViT
+from anyorder.model.vit import AnyOrderViT
 from anyorder.training import distributed
 from anyorder.training.distributed import Dist
 from anyorder.training.epoch_sums import SUMMED, EpochSums, TrainingDiverged, host_reads_sums_at
@@ -180,7 +180,7 @@ def _set_up(model: AnyOrderViT, train_data, cfg: TrainConfig, seed: int, state_d
                               enabled=device.type == "cuda")
     return _Run(model=model, cfg=cfg, seed=seed, dist=dist, device=device,
                 progress=progress and dist.main, steps_per_epoch=steps_per_epoch,
-                shuffle=SHUFFLED_TRAINING[model.variant], per_sample=order_sampling == "sample",
+                shuffle=model.behaviour.shuffled_training, per_sample=order_sampling == "sample",
                 layerdrop=layerdrop, position_loss_weight=position_loss_weight,
                 epoch_noise=epoch_noise, optimizer=optimizer, scheduler=scheduler, result=result,
                 fingerprint=fingerprint, state_path=state_path, start_epoch=start_epoch,
@@ -265,8 +265,8 @@ def _evaluate_epoch(run: _Run, this_epoch: _Epoch, epoch: int, val_data) -> dict
         "lr": run.scheduler.get_last_lr()[0],
         **_validate(run.model, val_data, run.seed, epoch, run.device),
     }
-    if run.model.variant == "ls_pred":
-        record["train_position_loss"] = totals["position_loss"] / totals["seen"]
+    record.update({key: totals[summed] / totals["seen"]
+                   for key, summed in run.model.behaviour.recorded_sums.items()})
     if run.epoch_noise is not None:
         record["train_noisy_loss"] = totals["noisy_loss"] / totals["seen"]
         record.update(this_epoch.noise_record)
@@ -317,7 +317,7 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
                 "final": result.history[-1]}
     save_model(model, out_dir, {"training": training})
     recipe = {"seed": seed, "order_sampling": order_sampling,
-              "shuffled": SHUFFLED_TRAINING[model.variant], "epochs": cfg.epochs,
+              "shuffled": model.behaviour.shuffled_training, "epochs": cfg.epochs,
               "num_train": int(len(train_data[1])), "batch_size": cfg.batch_size,
               "depth": model.depth, "layerdrop": layerdrop}
     if dist.active:
@@ -327,7 +327,7 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
             # Listed: rank 0's orders; rank r's are epoch_orders(..., rank=r) of the same
             # settings (anyorder.evaluation.orders), one shard of each global batch each.
             recipe["rank_orders"] = "anyorder.evaluation.orders.epoch_orders(..., rank=r)"
-    if order_sampling == "sample" and SHUFFLED_TRAINING[model.variant]:
+    if order_sampling == "sample" and model.behaviour.shuffled_training:
         # One order per sample per step is too much to list; regenerate it exactly with
         # anyorder.evaluation.orders.epoch_orders(seed, epoch, num_train, batch_size, depth, True, True).
         recipe["orders"] = None
@@ -340,12 +340,13 @@ def train_and_save(model: AnyOrderViT, prepared_dir: str | Path, cfg: TrainConfi
 
 
 def _validate(model: AnyOrderViT, val_data, seed: int, epoch: int, device) -> dict:
-    """Validation accuracy in sequential order and in a few seeded random orders."""
+    """Validation accuracy in sequential order and in a few seeded random orders (one pass:
+    the images go through the stem once for all of them)."""
     val_x, val_y = val_data
-    shuffled = random_order_accuracy(model, val_x, val_y, 3, seed * 1000 + epoch, device=device)
-    return {"val_accuracy_sequential": accuracy_for_orders(model, val_x, val_y, [None],
-                                                           device=device)[0],
-            "val_accuracy_shuffled": shuffled["mean"]}
+    orders = random_orders(model.depth, 3, seed * 1000 + epoch)
+    accuracies = accuracy_for_orders(model, val_x, val_y, [None] + orders, device=device)
+    return {"val_accuracy_sequential": accuracies[0],
+            "val_accuracy_shuffled": summarize(accuracies[1:])["mean"]}
 
 
 def _progress(total: int, description: str, enabled: bool):
