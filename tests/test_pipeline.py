@@ -17,7 +17,10 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, copy_tiny_project
-from test_flow import dvc_edges, harness, run_flow, task_runs  # noqa: F401
+import test_flow
+from test_flow import dvc_edges, run_flow, task_runs
+
+harness = test_flow.harness  # the Prefect test harness, a fixture here too
 
 BIN = Path(sys.executable).parent
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -89,10 +92,9 @@ def clone(project, tmp_path):
     return root, environment(root)
 
 
-@pytest.mark.slow
-def test_repro_writes_every_output(project):
-    root, first = project
-    assert "Running stage 'report'" in first.stdout
+def check_prepared_trained_and_evaluated(root: Path) -> None:
+    """The prepared data, the pre-trained and fine-tuned models, their evaluations and the
+    summary."""
     meta = json.loads((root / "data/prepared/meta.json").read_text())
     assert meta["num_classes"] == 10 and meta["counts"]["test"] > 0
     for model_dir in ("models/pretrain", "models/finetune/seq", "models/finetune/ls"):
@@ -109,6 +111,10 @@ def test_repro_writes_every_output(project):
     assert summary["baseline_run"] == "seq" and set(summary["runs"]) == {"seq", "ls", "ls1",
                                                                           "frank"}
     assert not list((root / ".anyorder/state").glob("*/*"))  # finished runs leave no state
+
+
+def check_selected_exported_and_registered(root: Path) -> None:
+    """The selected model, its export and its check, and its registration in MLflow."""
     selection = json.loads((root / "models/selected/ls_best/selection.json").read_text())
     assert selection["chosen"] == "ls" and selection["split"] == "val"
     manifest = json.loads((root / "exports/ls_best/manifest.json").read_text())
@@ -126,6 +132,9 @@ def test_repro_writes_every_output(project):
     versions = client.search_model_versions("name='anyorder-vit'")
     assert [v.version for v in versions] == [1] and not versions[0].aliases
     assert versions[0].tags["anyorder.gates"].startswith("failed: ")
+
+
+def check_robustness_and_plots(root: Path) -> None:
     # Robustness: every fine-tuned model and every nullspace arm, LS ones in random orders too.
     corrupted = json.loads((root / "data/corrupted/manifest.json").read_text())
     assert corrupted["names"] == ["gaussian_noise", "fog"] and corrupted["severities"] == [1, 5]
@@ -149,6 +158,9 @@ def test_repro_writes_every_output(project):
     for plot in ("robustness/severity.png", "robustness/adversarial.png", "pruning/pruning.png",
                  "orders.png", "analysis/slot_contribution.png", "analysis/projection.png"):
         assert (root / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def check_layerdrop_merge_pruning_and_report(root: Path) -> None:
     # LayerDrop (on an LS run here): the recorded orders are shortened ones; the merge card;
     # the pruning curve of every evaluated model; the report page and its links.
     dropped = json.loads((root / "models/finetune/ls1/train_orders.json").read_text())
@@ -167,6 +179,16 @@ def test_repro_writes_every_output(project):
     for link in [line.split("(")[1].rstrip(")") for line in report.splitlines()
                  if line.startswith("![")]:
         assert (root / "metrics" / link).resolve().is_file(), link
+
+
+@pytest.mark.slow
+def test_repro_writes_every_output(project):
+    root, first = project
+    assert "Running stage 'report'" in first.stdout
+    check_prepared_trained_and_evaluated(root)
+    check_selected_exported_and_registered(root)
+    check_robustness_and_plots(root)
+    check_layerdrop_merge_pruning_and_report(root)
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""Serving: the KServe v2 codec, the worker registry's bans, and real processes on 127.0.0.1:
-block workers killed, stopped and lying mid-stream behind the router; `tritonclient` against our
-worker; the HTTP service refusing bad input and serving on. Every loop is bounded in count and
-time."""
+"""Serving with real processes on 127.0.0.1: block workers killed, stopped and lying mid-stream
+behind the router; `tritonclient` against our worker; the HTTP service refusing bad input and
+serving on; the export laid out as a Triton repository. Every loop is bounded in count and time.
+The codec and the worker registry, in-process, are in test_serving_protocol.py."""
 import asyncio
 import io
 import os
@@ -19,8 +19,8 @@ from PIL import Image
 from anyorder.export.blocks import export_model
 from anyorder.export.runtime import BlockRuntime
 from anyorder.serving import protocol
-from anyorder.serving.cluster import assign_blocks, launch
-from anyorder.serving.router import Router, WorkerRegistry
+from anyorder.serving.cluster import launch
+from anyorder.serving.router import Router
 
 from conftest import tiny_model
 
@@ -71,74 +71,6 @@ def v2_request(images, **parameters):
                                    parameters=parameters)
 
 
-# -- the protocol and the registry, in-process ---------------------------------------------------
-
-@pytest.mark.parametrize("binary", [True, False])
-def test_v2_tensors_round_trip_in_json_and_binary(binary):
-    tensors = {"tokens": np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32),
-               "slot": np.array([2], np.int64)}
-    body, headers = protocol.encode_request(tensors, ["tokens_out"], binary=binary)
-    assert (protocol.HEADER_LENGTH in headers) == binary
-    message, decoded = protocol.decode_request(body, headers.get(protocol.HEADER_LENGTH))
-    assert protocol.wants_binary(message, "tokens_out") == binary
-    for name, array in tensors.items():
-        assert decoded[name].dtype == array.dtype
-        np.testing.assert_array_equal(decoded[name], array)
-
-
-SHORT = b'{"inputs":[{"name":"t","datatype":"FP32","shape":[2],"parameters":' \
-        b'{"binary_data_size":8}}]}'
-
-
-@pytest.mark.parametrize("body,header,message", [
-    (b'{"inputs": []}', None, "non-empty list"),
-    (b'not json', None, "not valid JSON"),
-    (SHORT + b"\x00" * 4, str(len(SHORT)), "ends after 4 bytes"),
-    (SHORT + b"\x00" * 12, str(len(SHORT)), "4 bytes that belong to no tensor"),
-    (b'{"inputs":[{"name":"t","datatype":"FP32","shape":[1]}]}', "999", "must give the length"),
-    (b'{"inputs":[{"name":"t","datatype":"FP32","shape":[1]}]}', "x", "not an integer"),
-    (b'{"inputs":[{"name":"t","datatype":"FP32","shape":[2],"data":[1]}]}', None,
-     "has 1 elements"),
-    (b'{"inputs":[{"name":"t","datatype":"STRING","shape":[1],"data":[1]}]}', None,
-     "not supported"),
-    (b'{"inputs":[{"name":"t","datatype":"FP32","shape":[-1],"data":[1]}]}', None,
-     "non-negative"),
-])
-def test_malformed_v2_bodies_are_refused_by_name(body, header, message):
-    with pytest.raises(protocol.ProtocolError, match=message):
-        protocol.decode_request(body, header)
-
-
-def test_bans_double_up_to_the_cap_and_only_a_probe_lifts_them():
-    now = [100.0]
-    registry = WorkerRegistry(depth=4, ban_base_s=0.5, ban_max_s=2.0, clock=lambda: now[0])
-    worker = registry.announce("http://w", [0, 1], ttl_s=10)
-    lengths = []
-    for _ in range(4):
-        registry.ban(worker, "timeout")
-        registry.ban(worker, "a second request in flight")  # does not lengthen the ban
-        lengths.append(worker.banned_until - now[0])
-        assert registry.hosts(0) == []
-        now[0] = worker.banned_until
-        assert registry.due_for_probe() == [worker] and registry.hosts(0) == []
-        registry.readmit(worker)
-        assert registry.hosts(0) == [worker]
-    assert lengths == [0.5, 1.0, 2.0, 2.0]
-    registry.succeeded(worker, 0.01)
-    registry.ban(worker, "again")
-    assert worker.banned_until - now[0] == 0.5  # a success resets the backoff
-    now[0] += 11  # past the announcement's TTL without a heartbeat
-    assert registry.expire() == ["http://w"] and registry.workers == {}
-
-
-def test_blocks_are_spread_so_any_one_worker_can_go():
-    hosted = assign_blocks(depth=8, workers=4, replicas=2)
-    for block in range(8):
-        assert sum(block in blocks for blocks in hosted) == 2
-    for gone in range(4):
-        assert set().union(*(hosted[w] for w in range(4) if w != gone)) == set(range(8))
-
-
 # -- a cluster of real processes ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -166,13 +98,10 @@ def cluster(exported):
         stop(service, *workers.values())
 
 
-def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers(
-        cluster, exported, test_images):
-    model, out = exported
-    runtime = BlockRuntime(out)
-    images, labels = test_images
-    client, urls, workers = cluster["client"], cluster["urls"], cluster["workers"]
-    deadline_s, requests = 2.5, 40
+def send_through_failures(cluster, images, deadline_s: float, requests: int) -> dict:
+    """`requests` v2 requests of 8 images in random orders, four in flight at a time; after request
+    7, w0 is killed and w1 stopped. {index: (response, seconds the client waited, first image)}."""
+    workers = cluster["workers"]
     results: dict = {}
 
     def send(index: int):
@@ -194,7 +123,12 @@ def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers
             thread.start()
         for thread in threads:
             thread.join(timeout=30)
+    return results
 
+
+def check_answers_match_pytorch(results, urls, model, runtime, test_images, deadline_s: float,
+                                requests: int) -> None:
+    images, labels = test_images
     assert sorted(results) == list(range(requests))
     correct_served = correct_torch = 0
     for index, (response, elapsed, start) in sorted(results.items()):
@@ -220,7 +154,9 @@ def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers
     skipped_late = [set(_report(results[i][0])["skipped"]) for i in range(12, requests)]
     assert all(skipped == {1, 2} for skipped in skipped_late)  # 1: killed+hung, 2: hung+lying
 
-    # Under `fail` a missing block is a clean 503 (known before compute); min_blocks likewise.
+
+def check_missing_blocks_refused_by_policy(client, images) -> None:
+    """Under `fail` a missing block is a clean 503 (known before compute); min_blocks likewise."""
     body, headers = v2_request(images[:2], order="sequential", policy="fail")
     response = client.post("/v2/models/tiny/infer", content=body, headers=headers)
     assert response.status_code == 503 and "missing" in response.json()["error"]
@@ -229,10 +165,13 @@ def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers
     body, headers = v2_request(images[:2], order="sequential", policy="min_blocks:2")
     assert client.post("/v2/models/tiny/infer", content=body, headers=headers).status_code == 200
 
-    # The killed worker comes back on its port and is used again.
+
+def check_restarted_worker_is_routed_to(cluster, images) -> None:
+    """The killed worker comes back on its port and is used again."""
+    client, urls, workers = cluster["client"], cluster["urls"], cluster["workers"]
     port = urls["w0"].rsplit(":", 1)[1]
-    workers["w0"], _ = launch(WORKER + [str(out), "--blocks", "0,1", "--port", port, "--router",
-                                        cluster["url"], "--heartbeat", "0.3"])
+    workers["w0"], _ = launch(WORKER + [str(cluster["out"]), "--blocks", "0,1", "--port", port,
+                                        "--router", cluster["url"], "--heartbeat", "0.3"])
 
     def used_again():
         body, headers = v2_request(images[:1], order="sequential")
@@ -245,6 +184,19 @@ def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers
     metrics = client.get("/metrics").text
     assert 'anyorder_hops_total{outcome="failed"}' in metrics
     assert 'anyorder_blocks_skipped_total{why="unavailable"}' in metrics
+
+
+def test_a_cluster_answers_like_pytorch_through_killed_stopped_and_lying_workers(
+        cluster, exported, test_images):
+    model, out = exported
+    runtime = BlockRuntime(out)
+    images, _ = test_images
+    deadline_s, requests = 2.5, 40
+    results = send_through_failures(cluster, images, deadline_s, requests)
+    check_answers_match_pytorch(results, cluster["urls"], model, runtime, test_images, deadline_s,
+                                requests)
+    check_missing_blocks_refused_by_policy(cluster["client"], images)
+    check_restarted_worker_is_routed_to(cluster, images)
 
 
 def _report(response) -> dict:
