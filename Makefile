@@ -59,7 +59,7 @@ mlflow-ui: setup
 # pipeline deployment on the cron schedule of pipeline/orchestration/schedule.yaml; Ctrl-C stops
 # serve, then the server. `make trigger`: ask the served deployment for a run now. `make flow-run`:
 # one flow run in the foreground. Overrides as for `dvc exp run -S`, space-separated:
-#   make trigger S="pretrain.epochs=5 evaluate.num_orders=10"
+#   make trigger S="pretrain.train.epochs=5 evaluate.num_orders=10"
 # Another schedule for a try-out: make serve CRON="*/5 * * * *".
 serve: setup
 	$(QUIET) $(PY) -m pipeline.orchestration.scheduler $(if $(CRON),--cron "$(CRON)")

@@ -58,8 +58,6 @@ def project_root(stage_file: Optional[Path] = None) -> Path:
 # Outputs, relative to the directory DVC runs stages in (the project, or a temp experiment copy).
 PREPARED = Path("data/prepared")
 PRETRAINED = Path("models/pretrain")
-FINETUNED = Path("models/finetune")
-SELECTED = Path("models/selected")
 EXPORTS = Path("exports")
 NULLSPACE = Path("models/nullspace")
 MERGED = Path("models/merged")
@@ -105,11 +103,10 @@ def read_jsons(folder: Path, names, written_by: str) -> dict:
     return {name: read_json(folder / f"{name}.json", written_by.format(name)) for name in names}
 
 
-def require_model(path, what: str, example: str) -> None:
+def require_model(path, what: str) -> None:
     """Exit 2 unless `path` holds a model (model.json); `what`: the setting that names it."""
     if not (Path(path) / "model.json").is_file():
-        fail(f"{what} holds no model (model.json); name a model directory the pipeline writes, "
-             f"e.g. {example}")
+        fail(f"{what} holds no model (model.json): run the stage that writes it first")
 
 
 def load_corrupted(settings) -> dict[str, np.ndarray]:
@@ -146,11 +143,12 @@ def _interpolate(text: str, key: Optional[str], item: Any, params: dict) -> str:
 
 
 def foreach_entries(entry: dict, params: dict) -> dict:
-    """The mapping a dvc.yaml foreach stage expands (`foreach: ${finetune.runs}`: its entries)."""
+    """The mapping a dvc.yaml foreach stage expands (`foreach: ${finetune.runs}`: its entries;
+    a list, as DVC does, by value: `${item}` is the value)."""
     mapping: Any = params
     for part in entry["foreach"].strip("${} ").split("."):
         mapping = mapping[part]
-    return mapping
+    return {str(value): value for value in mapping} if isinstance(mapping, list) else mapping
 
 
 def declared(stage: str, field: str, params: dict, dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
@@ -240,7 +238,7 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
 
 
 def declared_values(stage: Stage) -> dict[str, Any]:
-    """The declared params of the stage and their values, flattened (`finetune.lr`: 0.001)."""
+    """The declared params of the stage and their values, flattened (`finetune.train.lr`: 0.001)."""
     out: dict[str, Any] = {}
     for key in declared(stage.name, "params", stage.raw_params):
         node: Any = stage.raw_params

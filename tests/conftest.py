@@ -54,30 +54,26 @@ def digits16(tmp_path_factory):
 TINY_PIPELINE = {
     "data": {"image_size": 16},
     "model": {"patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2},
-    "pretrain": {"epochs": 1, "warmup_epochs": 0},
-    "finetune": {"epochs": 1, "runs": {"seq": {"variant": "sequential", "seed": 0},
+    "pretrain": {"train": {"epochs": 1, "warmup_epochs": 0}},
+    "finetune": {"train": {"epochs": 1}, "runs": {"seq": {"variant": "sequential", "seed": 0},
                                        "ls": {"variant": "ls", "seed": 0},
                                        "ls1": {"variant": "ls", "seed": 1,
                                                "layerdrop_rate": 0.3}}},
     "report": {"baseline": "seq"},
     "evaluate": {"num_orders": 3},
     "select": {"num_orders": 3},
-    "export": {"check_orders": 3,
-               "models": {"ls_best": {"model": "models/selected/ls_best",
-                                      "metrics": "models/selected/ls_best/evaluate.json"}}},
-    "nullspace": {"epochs": 1, "synthesis": {"steps": 60, "check_images": 64},
-                  "arms": {"seq_null": {"start": "models/finetune/seq", "noise": "nullspace",
-                                        "seed": 0},
-                           "ls_plain": {"start": "models/selected/ls_best", "noise": "none",
-                                        "seed": 0}}},
+    "export": {"check_orders": 3, "models": ["ls_best"]},
+    "nullspace": {"train": {"epochs": 1}, "synthesis": {"steps": 60, "check_images": 64},
+                  "arms": {"seq_null": {"start": "seq", "noise": "nullspace", "seed": 0},
+                           "ls_plain": {"start": "ls_best", "noise": "none", "seed": 0}},
+                  "study_arms": {"seq_random": {"start": "seq", "noise": "random", "seed": 0}}},
     "robustness": {"corruptions": {"names": ["gaussian_noise", "fog"], "severities": [1, 5]},
                    "attacks": {"eps": [0.0313725490196078], "pgd_steps": 2},
                    "num_images": 16, "num_orders": 2},
     "pruning": {"subsets": 3},
     "merge": {"num_orders": 2, "models": {"frank": {
-        "generator": "greedy", "sources": ["models/finetune/ls", "models/finetune/ls1"],
-        "seed": 0}}},
-    "analysis": {"models": ["models/finetune/seq", "models/finetune/ls"], "num_images": 16,
+        "generator": "greedy", "sources": ["ls", "ls1"], "seed": 0}}},
+    "analysis": {"models": ["seq", "ls"], "num_images": 16,
                  "num_orders": 2},
 }
 
@@ -86,7 +82,7 @@ def _merged(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
         # Named entries (runs, models, arms) are replaced, not merged.
-        nested = isinstance(value, dict) and key not in ("runs", "models", "arms")
+        nested = isinstance(value, dict) and key not in ("runs", "models", "arms", "study_arms")
         out[key] = _merged(base.get(key) or {}, value) if nested else value
     return out
 

@@ -122,6 +122,11 @@ def section(name: str, **values):
     return lambda params: params[name].update(values)
 
 
+def training(name: str, **values):
+    """An edit of a training section's own `train:` settings."""
+    return lambda params: params[name]["train"].update(values)
+
+
 @pytest.mark.parametrize("edit,message", [
     (section("model", arch="vit_tiny_patch16_244"),
      "model.arch: timm has no model named 'vit_tiny_patch16_244'; did you mean "
@@ -137,8 +142,9 @@ def section(name: str, **values):
     (section("model", pretrained="timm"),
      "model.pretrained: timm's weights for vit_tiny_patch16_224 cannot load with "
      "model.embed_dim=16 (timm: 192)"),
-    (section("pretrain", device="gpu"), "pretrain.device: must be auto, cpu, cuda or cuda:N"),
-    (lambda p: p["pretrain"].update(lr=float("inf")), "pretrain.lr: must be a finite number"),
+    (training("pretrain", device="gpu"),
+     "pretrain.train.device: must be auto, cpu, cuda or cuda:N"),
+    (training("pretrain", lr=float("inf")), "pretrain.train.lr: must be a finite number"),
 ])
 def test_pretrain_refuses_bad_model_settings_before_training(project, edit, message):
     refused(stage(project, "pretrain", edit=edit), message)
@@ -147,14 +153,14 @@ def test_pretrain_refuses_bad_model_settings_before_training(project, edit, mess
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_asking_for_cuda_without_a_gpu_stops_before_mlflow_and_compute(project):
-    proc = stage(project, "pretrain", edit=section("pretrain", device="cuda"))
-    refused(proc, "pretrain.device: 'cuda' asked for, but torch sees no CUDA device")
+    proc = stage(project, "pretrain", edit=training("pretrain", device="cuda"))
+    refused(proc, "pretrain.train.device: 'cuda' asked for, but torch sees no CUDA device")
     nothing_trained(project)
     assert mlflow_runs(project, "pretrain") == 0  # refused before the stage's MLflow run
 
 
 def test_a_diverging_training_fails_and_saves_nothing(project):
-    proc = stage(project, "pretrain", edit=section("pretrain", lr=1e30, grad_clip=None),
+    proc = stage(project, "pretrain", edit=training("pretrain", lr=1e30, grad_clip=None),
                  fresh_interpreter=True)
     refused(proc, "pretrain: the training loss became", code=1)
     assert "lower the learning rate" in proc.stderr
@@ -262,7 +268,7 @@ def synthesis(**values):
     ("nullspace", ["--arm", "nope"], None,
      "nullspace.arms has no entry 'nope' (known: seq_null, ls_plain)"),
     ("nullspace", ["--arm", "seq_null"], None,
-     "nullspace.arms.seq_null.start: models/finetune/seq holds no model"),
+     "nullspace.arms.seq_null.start: seq (models/finetune/seq) holds no model"),
     ("nullspace", ["--arm", "seq_null"], synthesis(epsilon=0.0),
      "nullspace.synthesis.epsilon: must be > 0"),
     ("evaluate", ["--run", "seq"], synthesis(steps=0),

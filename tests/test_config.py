@@ -2,11 +2,15 @@
 import pytest
 import yaml
 
-from anyorder.config import MergeModel, Settings, load_settings, settings_from_dict
+from anyorder.config import (TRAINING_SECTIONS, MergeModel, Settings, load_settings,
+                             settings_from_dict)
 from anyorder.model.settings import FinetuneRun
 from anyorder.settings import ConfigError
 from conftest import shipped_params
 
+
+# The shipped runs: the models that params.yaml names elsewhere (nullspace, merge, analysis).
+SHIPPED_RUNS = shipped_params()["finetune"]["runs"]
 
 def test_the_project_params_file_is_valid():
     load_settings("params.yaml")  # raises ConfigError naming the key otherwise
@@ -14,11 +18,11 @@ def test_the_project_params_file_is_valid():
 
 def test_types_and_knob_defaults_are_parsed():
     settings = settings_from_dict(shipped_params({
-        "pretrain": {"lr": "1e-3"}, "report": {"baseline": "a"},
-        "finetune": {"runs": {"a": {"variant": "ls_pos", "seed": 3},
+        "pretrain": {"train": {"lr": "1e-3"}}, "report": {"baseline": "a"},
+        "finetune": {"runs": {**SHIPPED_RUNS, "a": {"variant": "ls_pos", "seed": 3},
                               "b": {"variant": "ls_pred", "seed": 0,
                                     "position_loss_weight": 0.5}}}}))
-    assert settings.pretrain.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
+    assert settings.pretrain.train.lr == pytest.approx(1e-3)  # YAML reads 1e-3 as a string
     assert settings.finetune.runs["a"].variant == "ls_pos"
     assert isinstance(settings, Settings)
     # Variant knobs: the default where unset, the value where set, None where not applicable.
@@ -29,18 +33,35 @@ def test_types_and_knob_defaults_are_parsed():
     assert runs["b"].knob("position_loss_weight") == 0.5
 
 
+def test_training_settings_take_the_run_then_the_section_then_the_shared_value():
+    settings = settings_from_dict(shipped_params({
+        "train": {"epochs": 7, "batch_size": 32, "shift_pixels": 0},
+        "pretrain": {"train": {"epochs": 90, "lr": 0.002}},
+        "finetune": {"train": {"batch_size": 16}, "runs": {
+            **SHIPPED_RUNS, "long": {"variant": "ls", "seed": 0, "epochs": 11}}}}))
+    pretrain, finetune = settings.pretrain.train, settings.finetune.train
+    assert (pretrain.epochs, pretrain.lr, pretrain.batch_size) == (90, 0.002, 32)
+    assert (finetune.epochs, finetune.batch_size, finetune.shift_pixels) == (7, 16, 0)
+    assert settings.finetune.runs["long"].training(finetune).epochs == 11
+    assert settings.finetune.runs["ls_s0"].training(finetune).epochs == 7
+    nullspace = settings.nullspace.train  # its own epochs, the shared batch size
+    assert (nullspace.epochs, nullspace.batch_size) == (4, 32)
+
+
 def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
     settings = settings_from_dict(shipped_params({"report": {"baseline": "seq"}, "finetune": {
-        "epochs": 8, "lr": 1e-3, "runs": {"seq": {"variant": "sequential", "seed": 0},
+        "train": {"epochs": 8, "lr": 1e-3}, "runs": {**SHIPPED_RUNS,
+                                          "seq": {"variant": "sequential", "seed": 0},
                                           "ls": {"variant": "ls", "seed": 0, "epochs": 16,
                                                  "lr": 2e-3}}}}))
-    shared, runs = settings.finetune, settings.finetune.runs
+    shared, runs = settings.finetune.train, settings.finetune.runs
     assert (runs["seq"].training(shared).epochs, runs["seq"].training(shared).lr) == (8, 1e-3)
     own = runs["ls"].training(shared)
     assert (own.epochs, own.lr) == (16, 2e-3)
     assert own.batch_size == shared.batch_size and type(own).__name__ == "TrainConfig"
 
 
+# Every settings error the params file can hold, in one table: the key it names, what it says.
 @pytest.mark.parametrize("raw,key,fragment", [
     ({"model": {"depht": 4}}, "model.depht", "unknown key"),
     ({"report": {"baseline": "base"}}, "report.baseline",
@@ -51,26 +72,28 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
      "unknown key"),
     ({"model": {"depth": "eight"}}, "model.depth", "must be an integer"),
     ({"model": {"depth": 2.5}}, "model.depth", "must be an integer"),
-    ({"pretrain": {"lr": "fast"}}, "pretrain.lr", "must be a number"),
-    ({"pretrain": {"epochs": True}}, "pretrain.epochs", "must be an integer"),
+    ({"pretrain": {"train": {"lr": "fast"}}}, "pretrain.train.lr", "must be a number"),
+    ({"pretrain": {"train": {"epochs": True}}}, "pretrain.train.epochs", "must be an integer"),
     ({"data": {"source": "mnist"}}, "data.source", "must be one of"),
     ({"finetune": {"runs": {"x": {"variant": "shuffle", "seed": 0}}}}, "finetune.runs.x.variant",
      "must be one of"),
     ({"model": {"depth": 0}}, "model.depth", "must be >= 1"),
-    ({"pretrain": {"lr": -0.1}}, "pretrain.lr", "must be > 0"),
-    ({"finetune": {"batch_size": 0}}, "finetune.batch_size", "must be >= 1"),
+    ({"pretrain": {"train": {"lr": -0.1}}}, "pretrain.train.lr", "must be > 0"),
+    ({"finetune": {"train": {"batch_size": 0}}}, "finetune.train.batch_size", "must be >= 1"),
     ({"model": {"patch_size": 5}}, "model.patch_size", "must divide data.image_size=32"),
     ({"model": {"num_heads": 3}}, "model.num_heads", "must divide model.embed_dim=64"),
     ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "must be in (0, 1)"),
     ({"data": {"path": " "}}, "data.path", "must name a file or directory"),
-    ({"pretrain": {"lr": "inf"}}, "pretrain.lr", "must be a finite number"),
-    ({"pretrain": {"lr": float("inf")}}, "pretrain.lr", "must be a finite number"),
-    ({"finetune": {"weight_decay": float("nan")}}, "finetune.weight_decay",
+    ({"pretrain": {"train": {"lr": "inf"}}}, "pretrain.train.lr", "must be a finite number"),
+    ({"pretrain": {"train": {"lr": float("inf")}}}, "pretrain.train.lr", "must be a finite number"),
+    ({"finetune": {"train": {"weight_decay": float("nan")}}}, "finetune.train.weight_decay",
      "must be a finite number"),
-    ({"finetune": {"grad_clip": "-inf"}}, "finetune.grad_clip", "must be a finite number"),
+    ({"finetune": {"train": {"grad_clip": "-inf"}}}, "finetune.train.grad_clip",
+     "must be a finite number"),
     ({"evaluate": {"device": "gpu"}}, "evaluate.device", "must be auto, cpu, cuda or cuda:N"),
     ({"evaluate": {"device": "cuda:x"}}, "evaluate.device", "must be auto, cpu, cuda or cuda:N"),
-    ({"pretrain": {"device": "CUDA"}}, "pretrain.device", "must be auto, cpu, cuda or cuda:N"),
+    ({"pretrain": {"train": {"device": "CUDA"}}}, "pretrain.train.device",
+     "must be auto, cpu, cuda or cuda:N"),
     ({"pretrain": {"order_sampling": "sample"}}, "pretrain.order_sampling", "unknown key"),
     ({"finetune": {"runs": {"s": {"variant": "sequential", "seed": 0,
                                   "order_sampling": "sample"}}}},
@@ -88,22 +111,67 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
      "finetune.runs.s.epochs", "must be >= 1"),
     ({"finetune": {"runs": {"s": {"variant": "ls", "seed": 0, "lr": 0}}}}, "finetune.runs.s.lr",
      "must be > 0"),
-    ({"finetune": {"warmup_epochs": 3, "runs": {"s": {"variant": "ls", "seed": 0, "epochs": 2}}}},
-     "finetune.runs.s.epochs", "must be > finetune.warmup_epochs"),
-    ({"pretrain": {"warmup_epochs": 100}}, "pretrain.warmup_epochs", "must be in [0, epochs"),
+    ({"finetune": {"train": {"warmup_epochs": 3},
+                   "runs": {"s": {"variant": "ls", "seed": 0, "epochs": 2}}}},
+     "finetune.runs.s.epochs", "must be > the fine-tunes' warmup_epochs (3"),
+    ({"train": {"epochs": 0}}, "train.epochs", "must be >= 1"),
+    ({"train": {"epoch": 3}}, "train.epoch", "unknown key"),
+    ({"nullspace": {"train": {"seed": 3}}}, "nullspace.train.seed", "unknown key"),
+    ({"pretrain": {"train": {"warmup_epochs": 100}}}, "pretrain.train.warmup_epochs",
+     "must be in [0, epochs"),
     ({"finetune": {"runs": {"a/b": {"variant": "ls", "seed": 0}}}}, "finetune.runs.a/b",
      "names may hold only letters"),
     ({"export": {"opset": 21}}, "export.opset", "must be in 14..20"),
-    ({"export": {"models": {"x y": {"model": "m", "metrics": "n"}}}}, "export.models.x y",
-     "names may hold only letters"),
-    ({"export": {"models": {"m": {"model": "", "metrics": "n"}}}}, "export.models.m.model",
-     "must name a path"),
+    ({"export": {"models": ["ls_best", "nope"]}}, "export.models",
+     "must name a model of finetune.runs or select.name (sequential, ls_s0"),
+    ({"export": {"models": ["ls_pos", "ls_pos"]}}, "export.models", "names a model twice"),
+    ({"nullspace": {"arms": {"a": {"start": "models/finetune/ls_s0", "noise": "none",
+                                   "seed": 0}}}}, "nullspace.arms.a.start", "must name a model"),
+    ({"nullspace": {"study_arms": {"a": {"start": "ls_s9", "noise": "random", "seed": 0}}}},
+     "nullspace.study_arms.a.start", "must name a model of finetune.runs or select.name"),
+    ({"merge": {"models": {"m": {"generator": "random", "sources": ["ls_s0", "ls_best"],
+                                 "seed": 0}}}}, "merge.models.m.sources",
+     "must name a model of finetune.runs (sequential"),
+    ({"analysis": {"models": ["ls_s0", "nope"]}}, "analysis.models",
+     "must name a model of finetune.runs"),
+    ({"select": {"name": "ls_s0"}}, "select.name", "must differ from every run"),
     ({"register": {"export": "nope"}}, "register.export", "must name an entry of export.models"),
     ({"register": {"alias": "1st"}}, "register.alias", "starting with a letter"),
     ({"register": {"gates": {"min_arbitrary_accuracy": 1.5}}},
      "register.gates.min_arbitrary_accuracy", "must be in [0, 1]"),
     ({"select": {"variant": "ls_mega"}}, "select.variant", "must be one of"),
     ({"model": "big"}, "model", "must be a mapping"),
+    # merge entries
+    ({"merge": {"models": {"m": {"generator": "random", "sources": ["ls_s0"], "seed": 0}}}},
+     "merge.models.m.sources", "needs at least two runs"),
+    ({"merge": {"models": {"m": {"generator": "random", "sources": ["ls_s0", "ls_s0"],
+                                 "seed": 0}}}}, "merge.models.m.sources", "names a run twice"),
+    ({"merge": {"models": {"m": {"generator": "greedy", "sources": ["ls_s0", "ls_s1"],
+                                 "base": "ls_s2", "seed": 0}}}}, "merge.models.m.base",
+     "must be one of the sources"),
+    ({"merge": {"models": {"m": {"generator": "manual", "seed": 0}}}}, "merge.models.m.recipe",
+     "the manual generator needs a recipe file"),
+    ({"merge": {"models": {"m": {"generator": "random", "sources": ["ls_s0", "ls_s1"],
+                                 "recipe": "r.yaml", "seed": 0}}}}, "merge.models.m.recipe",
+     "only the manual generator reads a recipe"),
+    # robustness and nullspace
+    ({"nullspace": {"synthesis": {"epsilon": 0}}}, "nullspace.synthesis.epsilon", "must be > 0"),
+    ({"nullspace": {"synthesis": {"steps": 0}}}, "nullspace.synthesis.steps", "must be >= 1"),
+    ({"nullspace": {"synthesis": {"batch_size": 0}}}, "nullspace.synthesis.batch_size",
+     "must be"),
+    ({"nullspace": {"synthesis": {"rounds": 3}}}, "nullspace.synthesis.rounds", "unknown key"),
+    ({"nullspace": {"arms": {"a": {"start": "sequential", "noise": "gaussian", "seed": 0}}}},
+     "nullspace.arms.a.noise", "must be one"),
+    ({"robustness": {"attacks": {"eps": [0.5, 2]}}}, "robustness.attacks.eps", "every budget"),
+    ({"robustness": {"attacks": {"eps": [-0.01]}}}, "robustness.attacks.eps", "every budget"),
+    ({"robustness": {"attacks": {"names": ["cw"]}}}, "robustness.attacks.names",
+     "unknown attack"),
+    ({"robustness": {"corruptions": {"names": ["rain"]}}}, "robustness.corruptions.names",
+     "unknown corruption"),
+    ({"robustness": {"corruptions": {"severities": [0]}}}, "robustness.corruptions.severities",
+     ""),
+    ({"robustness": {"attacks": {"pgd_random_start": "yes"}}},
+     "robustness.attacks.pgd_random_start", "must be true or false"),
 ])
 def test_bad_settings_name_the_key(raw, key, fragment):
     with pytest.raises(ConfigError) as info:
@@ -128,20 +196,22 @@ def test_load_settings_names_the_file(tmp_path):
 def test_yaml_infinity_and_nan_are_refused(tmp_path):
     """`lr: .inf` in YAML is a float, and trained to NaN while the stage reported success."""
     path = tmp_path / "params.yaml"
-    for edit, key, literal in (({"pretrain": {"lr": float("inf")}}, "pretrain.lr", ".inf"),
-                               ({"finetune": {"weight_decay": float("inf")}},
-                                "finetune.weight_decay", ".inf"),
+    for edit, key, literal in (({"pretrain": {"train": {"lr": float("inf")}}},
+                                "pretrain.train.lr", ".inf"),
+                               ({"finetune": {"train": {"weight_decay": float("inf")}}},
+                                "finetune.train.weight_decay", ".inf"),
                                ({"model": {"mlp_ratio": float("nan")}}, "model.mlp_ratio", ".nan")):
         text = yaml.safe_dump(shipped_params(edit))
-        assert f"{key.split('.')[1]}: {literal}" in text  # YAML's own spelling of inf / nan
+        assert f"{key.split('.')[-1]}: {literal}" in text  # YAML's own spelling of inf / nan
         path.write_text(text)
         with pytest.raises(ConfigError, match=rf"{key}: must be a finite number"):
             load_settings(path)
 
 
 def test_overrides_are_validated_like_the_file():
-    settings = settings_from_dict(shipped_params(), {"model.depth": 3, "finetune.epochs": 2})
-    assert settings.model.depth == 3 and settings.finetune.epochs == 2
+    settings = settings_from_dict(shipped_params(), {"model.depth": 3,
+                                                    "finetune.train.epochs": 2})
+    assert settings.model.depth == 3 and settings.finetune.train.epochs == 2
     with pytest.raises(ConfigError, match="model.depth: must be >= 1"):
         settings_from_dict(shipped_params(), {"model.depth": 0})
     with pytest.raises(ConfigError, match="model.nope: unknown key"):
@@ -169,12 +239,17 @@ def test_every_key_of_the_shipped_params_must_be_set(path):
     if path[:2] == ("finetune", "runs") and path[-1] in FinetuneRun.OPTIONAL_KEYS:
         settings_from_dict(raw)
         return
+    if path[0] in TRAINING_SECTIONS and path[1:2] == ("train",) and len(path) == 3:
+        # A section's own training setting left out: the shared one applies.
+        assert getattr(getattr(settings_from_dict(raw), path[0]).train, path[2]) == \
+            shipped_params()["train"][path[2]]
+        return
     with pytest.raises(ConfigError) as info:
         settings_from_dict(raw)
     message = str(info.value)
     assert message.startswith(key + ":"), message
     if path[:2] == ("merge", "models") and path[-1] in MergeModel.OPTIONAL_KEYS:
-        assert "needs at least two model directories" in message  # a generator without sources
+        assert "needs at least two runs" in message  # a generator without sources
     else:
         assert "params.yaml must set it" in message, message
 

@@ -149,7 +149,8 @@ def test_nproc_needs_a_global_batch_every_process_can_share():
     from anyorder.config import load_settings
     from anyorder.settings import ConfigError
 
-    with pytest.raises(ConfigError, match=r"finetune.batch_size: must be >= nproc \(4\)"):
-        load_settings(ROOT / "params.yaml", {"finetune.nproc": 4, "finetune.batch_size": 2})
+    with pytest.raises(ConfigError, match=r"finetune.train.batch_size: must be >= nproc \(4\)"):
+        load_settings(ROOT / "params.yaml", {"finetune.train.nproc": 4,
+                                             "finetune.train.batch_size": 2})
     with pytest.raises(ConfigError, match="compute.threads"):
         load_settings(ROOT / "params.yaml", {"compute.threads": -1})

@@ -2,13 +2,13 @@
 
 Tests run the flow on toy DVC projects made in tmp_path (stages are tiny python scripts); the
 flow over the real pipeline runs in test_pipeline.py, on its reproduced tiny project. One Prefect test
-harness (a temporary SQLite server, ~15 s to start) is shared by the whole session.
+harness (a temporary SQLite server, ~15 s to start) is shared by the whole session. The schedule
+and command-line checks, which need no server, are in test_flow_settings.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -44,9 +44,14 @@ if attempts == 1:
 open(sys.argv[1], "w").write("ok")
 """
 PARAMS = "# toy parameters (the shipped ones, two toy runs of one epoch)\n" + yaml.safe_dump(
-    shipped_params({"pretrain": {"epochs": 1, "warmup_epochs": 0},
-                    "finetune": {"epochs": 1, "runs": {"a": {"variant": "ls", "seed": 0},
-                                                       "b": {"variant": "sequential", "seed": 1}}},
+    shipped_params({"pretrain": {"train": {"epochs": 1, "warmup_epochs": 0}},
+                    "finetune": {"train": {"epochs": 1},
+                                 "runs": {"a": {"variant": "ls", "seed": 0},
+                                          "b": {"variant": "sequential", "seed": 1}}},
+                    "nullspace": {"arms": {"a_null": {"start": "a", "noise": "nullspace",
+                                                      "seed": 0}}, "study_arms": {}},
+                    "merge": {"models": {}}, "analysis": {"models": ["a", "b"]},
+                    "export": {"models": ["ls_best"]},
                     "report": {"baseline": "b"}}), sort_keys=False)
 SLEEPER = """\
 import os, sys, time
@@ -86,10 +91,10 @@ def make_project(root: Path, extra: dict | None = None, chain: bool = True) -> P
     if chain:
         stages.update({
             "pretrain": {"cmd": "python step.py pre.txt data.txt", "deps": ["data.txt"],
-                         "params": ["pretrain.epochs"], "outs": ["pre.txt"]},
+                         "params": ["pretrain.train.epochs"], "outs": ["pre.txt"]},
             "finetune": {"foreach": "${finetune.runs}", "do": {
                 "cmd": "python step.py ft_${key}.txt pre.txt", "deps": ["pre.txt"],
-                "params": ["finetune.epochs"], "outs": ["ft_${key}.txt"]}},
+                "params": ["finetune.train.epochs"], "outs": ["ft_${key}.txt"]}},
             "report": {"cmd": "python step.py report.json ft_a.txt ft_b.txt",
                        "deps": ["ft_a.txt", "ft_b.txt"],
                        "metrics": [{"report.json": {"cache": False}}]},
@@ -147,7 +152,7 @@ def dvc_edges(root: Path) -> tuple[set[str], set[tuple[str, str]]]:
 
 def test_task_graph_equals_dvc_graph(harness, tmp_path):
     root = make_project(tmp_path / "toy")
-    state = run_flow(root, set_params=["pretrain.epochs=3"])
+    state = run_flow(root, set_params=["pretrain.train.epochs=3"])
     assert state.is_completed(), state.message
     runs = task_runs(state)
     nodes, edges = dvc_edges(root)
@@ -166,7 +171,7 @@ def test_task_graph_equals_dvc_graph(harness, tmp_path):
     experiments = {exp["name"]: exp["revs"][0]["data"] for commit in shown
                    for exp in commit.get("experiments") or []}
     params = experiments[result["experiment"]]["params"]["params.yaml"]["data"]
-    assert params["pretrain"]["epochs"] == 3
+    assert params["pretrain"]["train"]["epochs"] == 3
     # ...and the override does not leak: params.yaml is as it was, comments and all, so the
     # next (scheduled) run starts from the committed settings.
     assert (root / "params.yaml").read_text() == PARAMS
@@ -186,8 +191,8 @@ def test_added_stage_is_picked_up_without_editing_the_flow(tmp_path):
 
 @pytest.mark.parametrize("item, named", [
     ("pretrain.epochz=1", "pretrain.epochz"),       # unknown key
-    ("pretrain.epochs=many", "pretrain.epochs"),    # wrong type
-    ("finetune.lr=-1", "finetune.lr"),              # out of range
+    ("pretrain.train.epochs=many", "pretrain.train.epochs"),    # wrong type
+    ("finetune.train.lr=-1", "finetune.train.lr"),              # out of range
     ("no_equals_sign", "no_equals_sign"),           # not key=value
 ])
 def test_bad_override_refused_before_any_stage(harness, tmp_path, item, named):
@@ -195,7 +200,7 @@ def test_bad_override_refused_before_any_stage(harness, tmp_path, item, named):
     params_before = (root / "params.yaml").read_text()
     with pytest.raises(ConfigError, match=named):
         dvc_graph.validate_params(root, dvc_graph.parse_overrides([item]))
-    state = run_flow(root, set_params=["finetune.epochs=2", item])
+    state = run_flow(root, set_params=["finetune.train.epochs=2", item])
     assert state.is_failed() and named in state.message
     assert task_runs(state) == {}  # no task ran
     assert not (root / "data.txt").exists()
@@ -208,59 +213,6 @@ def test_bad_override_refused_by_the_cli(tmp_path, capsys, command):
     assert pflow.main([command, "--project-dir", str(root), "-S", "pretrain.epochz=1"]) == 2
     assert "pretrain.epochz" in capsys.readouterr().err
     assert not (root / "data.txt").exists()
-
-
-@pytest.mark.parametrize("cron", ["61 * * * *", "every night", "* * *"])
-def test_bad_cron_refused(tmp_path, capsys, cron):
-    config = tmp_path / "schedule.yaml"
-    config.write_text(yaml.safe_dump({"deployment": "nightly", "cron": cron}))
-    with pytest.raises(dvc_graph.ScheduleError, match=re.escape(f"cron expression '{cron}'")):
-        dvc_graph.load_schedule(config)
-    assert pflow.main(["serve", "--config", str(config)]) == 2  # refused before any server
-    assert cron in capsys.readouterr().err
-    assert pflow.main(["serve", "--cron", cron]) == 2
-    config.write_text(yaml.safe_dump({"deployment": "nightly", "cron": "0 2 * * *",
-                                      "timezone": "Mars/Olympus"}))
-    with pytest.raises(dvc_graph.ScheduleError, match="timezone 'Mars/Olympus'"):
-        dvc_graph.load_schedule(config)
-
-
-def test_shipped_schedule_is_valid():
-    dvc_graph.load_schedule(pflow.SCHEDULE_FILE)  # raises ScheduleError naming the key otherwise
-
-
-@pytest.mark.parametrize("change, named", [
-    ({"server": {"host": "127.0.0.1", "port": 99999}}, "server.port: must be an integer in 1..65535"),
-    ({"server": {"port": "4200"}}, "server.port: must be an integer in 1..65535, got '4200'"),
-    ({"server": {"hots": "x"}}, "server.hots: unknown key"),
-    ({"parameters": {"retries": -1}}, "parameters.retries: must be an integer >= 0, got -1"),
-    ({"parameters": {"retries": "2"}}, "parameters.retries: must be an integer >= 0, got '2'"),
-    ({"parameters": {"retry_delay_seconds": "soon"}}, "parameters.retry_delay_seconds: must be"),
-    ({"parameters": {"set_params": "pretrain.epochs=1"}}, "parameters.set_params: must be a list"),
-    ({"parameters": {"set_params": ["pretrain.epochs"]}}, "parameters.set_params: override"),
-    ({"parameters": {"retires": 2}}, "parameters.retires: unknown key"),
-    ({"deployment": ""}, "deployment: must be a name"),
-    ({"crons": "* * * * *"}, "crons: unknown key"),
-])
-def test_bad_schedule_settings_refused_before_anything_starts(tmp_path, capsys, change, named):
-    config = yaml.safe_load(pflow.SCHEDULE_FILE.read_text())
-    config.update(change)
-    path = tmp_path / "schedule.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with pytest.raises(dvc_graph.ScheduleError, match=re.escape(named)):
-        dvc_graph.load_schedule(path)
-    from pipeline.orchestration import scheduler
-    assert scheduler.main(["--config", str(path)]) == 2  # refused before any server starts
-    assert named in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, named", [
-    (["trigger", "--retries", "-3"], "parameters.retries: must be an integer >= 0, got -3"),
-    (["run", "--cron", "* * * * *"], "--cron only applies to serve"),
-])
-def test_bad_command_line_flags_refused(capsys, argv, named):
-    assert pflow.main(argv) == 2
-    assert named in capsys.readouterr().err
 
 
 def test_stage_failing_once_succeeds_on_retry(harness, tmp_path):
@@ -293,7 +245,7 @@ def test_failing_stage_fails_the_flow_and_leaves_no_output(harness, tmp_path):
 def test_a_second_flow_run_in_the_same_workspace_is_refused(harness, tmp_path):
     root = make_project(tmp_path / "toy")
     with workspace.exclusive(root, "the-first-run"):
-        state = run_flow(root, set_params=["pretrain.epochs=5"])
+        state = run_flow(root, set_params=["pretrain.train.epochs=5"])
     assert state.is_failed()
     assert "Prefect flow run the-first-run" in state.message
     assert "is running the pipeline in this workspace" in state.message
@@ -307,7 +259,7 @@ def test_a_flow_run_is_refused_while_dvc_holds_its_repo_lock(harness, tmp_path):
     lock = make_lock(str(root / ".dvc/tmp/lock"), tmp_dir=str(root / ".dvc/tmp"))
     lock.lock()  # as `dvc repro` typed by hand holds it for its bookkeeping between stages
     try:
-        state = run_flow(root, set_params=["pretrain.epochs=5"])
+        state = run_flow(root, set_params=["pretrain.train.epochs=5"])
     finally:
         lock.unlock()
     assert state.is_failed() and "a dvc command is running in this workspace" in state.message
@@ -329,7 +281,7 @@ def test_a_flow_run_is_refused_while_a_dvc_repro_runs_a_stage(harness, tmp_path)
         while not (tmp_path / "stage.pid").is_file():
             assert manual.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
-        state = run_flow(root, set_params=["pretrain.epochs=5"])
+        state = run_flow(root, set_params=["pretrain.train.epochs=5"])
     finally:
         os.killpg(manual.pid, signal.SIGKILL)
         manual.wait()
@@ -391,7 +343,7 @@ def test_a_killed_flow_run_leaves_no_stage_running_and_no_lock(harness, tmp_path
         "outs": ["slept.txt"]}})
     flow_proc = subprocess.Popen(
         [sys.executable, str(ROOT / "pipeline/orchestration/flow.py"), "run", "--project-dir",
-         str(root), "--retries", "0", "-S", "pretrain.epochs=2"],
+         str(root), "--retries", "0", "-S", "pretrain.train.epochs=2"],
         env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "stage.pid"

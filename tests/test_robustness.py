@@ -11,7 +11,6 @@ from anyorder.robustness.nullspace import (epoch_noise, exact_noise_like, exact_
 from anyorder.robustness.evaluate import batches, evaluation_subset, nullspace_invariance, order_groups
 from anyorder.robustness.settings import SynthesisConfig
 from anyorder.data.inputs import to_model_input
-from anyorder.settings import ConfigError
 from anyorder.training.loop import train_model
 from anyorder.training.settings import TrainConfig
 
@@ -301,25 +300,4 @@ def test_ls_models_are_evaluated_in_random_orders_and_the_baseline_sequentially(
     assert evaluation_subset(10, 4, 0).tolist() == evaluation_subset(10, 4, 0).tolist()
     assert len(evaluation_subset(10, 4, 0)) == 4 and len(evaluation_subset(10, None, 0)) == 10
 
-
-# -- bad input in params.yaml ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("override, message", [
-    ({"nullspace": {"synthesis": {"epsilon": 0}}}, "nullspace.synthesis.epsilon: must be > 0"),
-    ({"nullspace": {"synthesis": {"steps": 0}}}, "nullspace.synthesis.steps: must be >= 1"),
-    ({"nullspace": {"synthesis": {"batch_size": 0}}}, "nullspace.synthesis.batch_size: must be"),
-    ({"nullspace": {"synthesis": {"rounds": 3}}}, "nullspace.synthesis.rounds: unknown key"),
-    ({"nullspace": {"arms": {"a": {"start": "models/finetune/sequential", "noise": "gaussian",
-                                   "seed": 0}}}}, "nullspace.arms.a.noise: must be one"),
-    ({"robustness": {"attacks": {"eps": [0.5, 2]}}}, "robustness.attacks.eps: every budget"),
-    ({"robustness": {"attacks": {"eps": [-0.01]}}}, "robustness.attacks.eps"),
-    ({"robustness": {"attacks": {"names": ["cw"]}}}, "robustness.attacks.names: unknown attack"),
-    ({"robustness": {"corruptions": {"names": ["rain"]}}},
-     "robustness.corruptions.names: unknown corruption"),
-    ({"robustness": {"corruptions": {"severities": [0]}}}, "robustness.corruptions.severities"),
-    ({"robustness": {"attacks": {"pgd_random_start": "yes"}}}, "must be true or false"),
-])
-def test_impossible_robustness_settings_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        settings_from_dict(shipped_params(override))
 

@@ -136,8 +136,8 @@ def trigger(config: Path, project: Path, environ: dict, *overrides: str) -> str:
 
 def test_scheduler_starts_a_server_serves_triggers_and_stops_cleanly_mid_run(environ, tmp_path):
     project = make_project(tmp_path / "toy", chain=False, extra={"nap": {
-        "cmd": f"python nap.py nap.txt ${{finetune.epochs}} {tmp_path / 'nap.pid'}",
-        "deps": ["data.txt"], "params": ["finetune.epochs"], "outs": ["nap.txt"]}})
+        "cmd": f"python nap.py nap.txt ${{finetune.train.epochs}} {tmp_path / 'nap.pid'}",
+        "deps": ["data.txt"], "params": ["finetune.train.epochs"], "outs": ["nap.txt"]}})
     (project / "nap.py").write_text(NAP)
     port = free_port()
     config = write_config(tmp_path / "schedule.yaml", port, "own-server")
@@ -147,14 +147,14 @@ def test_scheduler_starts_a_server_serves_triggers_and_stops_cleanly_mid_run(env
     scheduler.wait_for("prefect deployment run")  # serve registered the deployment
 
     # `make trigger`, with an override: runs now, and completes.
-    run = wait_for_run(port, trigger(config, project, environ, "pretrain.epochs=4"))
+    run = wait_for_run(port, trigger(config, project, environ, "pretrain.train.epochs=4"))
     assert run.state.is_completed(), run.state.message
     assert (project / "nap.txt").is_file()
-    assert "pretrain.epochs=4" in run.parameters["set_params"]
+    assert "pretrain.train.epochs=4" in run.parameters["set_params"]
 
     # A run whose stage sleeps for minutes, stopped by `make serve`'s Ctrl-C / SIGTERM mid-stage.
     (tmp_path / "nap.pid").unlink()
-    trigger(config, project, environ, "finetune.epochs=300")
+    trigger(config, project, environ, "finetune.train.epochs=300")
     deadline = time.monotonic() + 120
     while not (tmp_path / "nap.pid").is_file() or not (tmp_path / "nap.pid").read_text():
         assert time.monotonic() < deadline, scheduler.output

@@ -157,7 +157,8 @@ def test_user_inputs_are_dependencies():
 
 def test_training_stages_declare_only_params_that_change_what_they_compute():
     bodies = stage_bodies()
-    assert bodies["pretrain"]["params"] == ["compute", "model", "pretrain"]
+    assert bodies["pretrain"]["params"] == ["compute", "model", "train", "pretrain"]
+    assert bodies["finetune"]["params"][:3] == ["compute", "train", "finetune.train"]
     finetune = bodies["finetune"]["params"]
     assert "finetune.runs.${key}" in finetune and "finetune.runs" not in finetune
     assert "model" not in finetune  # the architecture comes with the pre-trained model
@@ -191,8 +192,8 @@ def test_stage_that_reads_an_undeclared_param_is_stopped(tmp_path):
     assert settings.evaluate.num_orders >= 1
     assert settings.finetune.runs["ls_s0"].variant == "ls"
     assert "ls_s0" in settings.finetune.runs
-    with pytest.raises(UndeclaredParamError, match=r"reads the setting finetune.lr"):
-        settings.finetune.lr
+    with pytest.raises(UndeclaredParamError, match=r"reads the setting finetune.train.lr"):
+        settings.finetune.train.lr
     with pytest.raises(UndeclaredParamError, match=r"reads the setting finetune.runs\b"):
         list(settings.finetune.runs)
     with pytest.raises(UndeclaredParamError, match="model.depth"):

@@ -97,7 +97,7 @@ def pipeline_graph(root: str | Path) -> tuple[list[str], set[tuple[str, str]]]:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`["pretrain.epochs=1", ...]` -> `{"pretrain.epochs": 1}` (values read as YAML, like -S)."""
+    """`["pretrain.train.epochs=1", ...]` -> `{"pretrain.train.epochs": 1}` (values read as YAML, like -S)."""
     overrides: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")

@@ -6,31 +6,24 @@ projection (analysis.projection: pca, or umap when umap-learn is installed) of o
 run at every slot, coloured by slot; for LS-pred models, the confusion matrix of predicted vs
 actual slot. Writes metrics/analysis.json and plots/analysis/ (CSV + PNG), mirrored to MLflow.
 """
-from pathlib import Path
-
 from pipeline.outputs import write, write_analysis_figures
-from pipeline.stage import (METRICS, PLOTS, PREPARED, begin, declared_paths, fail, track,
-                            user_errors)
+from pipeline.stage import METRICS, PLOTS, PREPARED, begin, fail, track, user_errors
 
+from anyorder.config import FINETUNED
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
 from anyorder.evaluation.slot_analysis import analyse, check_analysis
 from anyorder.model.checkpoint import load_model
 
 
-def load_inputs(stage, cfg):
+def load_inputs(cfg):
     """Checks the settings (exit 2 on bad input) and loads the models and the test split;
-    returns (device, models by directory name, images, labels)."""
+    returns (device, models by name, images, labels)."""
     with user_errors():
         device = resolve_device(cfg.device, "analysis.device")
         if not cfg.models:
-            fail("analysis.models: list at least one model directory, e.g. models/finetune/ls_s0")
-        deps = declared_paths(stage)
-        for path in cfg.models:
-            if not any(d in Path(path).parents for d in deps):
-                fail(f"analysis.models: {path} is outside the directories the analysis stage "
-                     f"declares in dvc.yaml; add it to the stage's deps")
-        models = {Path(path).name: load_model(path) for path in cfg.models}
+            fail("analysis.models: list at least one run of finetune.runs, e.g. ls_s0")
+        models = {name: load_model(FINETUNED / name) for name in cfg.models}
         check_analysis(models, cfg)
         images, labels = load_split(PREPARED, "test")
     return device, models, images, labels
@@ -39,7 +32,7 @@ def load_inputs(stage, cfg):
 def main() -> None:
     stage = begin(__doc__, "analysis")
     cfg = stage.settings.analysis
-    device, models, images, labels = load_inputs(stage, cfg)
+    device, models, images, labels = load_inputs(cfg)
     with track(stage) as mlflow:
         results, projections, rows, confusions = analyse(models, images, labels, cfg, device)
         write(METRICS / "analysis.json", {"models": results})

@@ -8,8 +8,9 @@ metrics/outcomes/<run>.json (every test image right or wrong, per order, corrupt
 what the report's intervals resample).
 """
 from pipeline.outputs import write, write_evaluation, write_robustness
-from pipeline.stage import FINETUNED, METRICS, PREPARED, begin, load_corrupted, track, user_errors
+from pipeline.stage import METRICS, PREPARED, begin, load_corrupted, track, user_errors
 
+from anyorder.config import FINETUNED
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
 from anyorder.evaluation.intervals import pack_tree

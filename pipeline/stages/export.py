@@ -1,11 +1,10 @@
-"""Stage `export@<model>`: one ONNX graph per block (plus stem, head and a manifest) for an entry of
-export.models, and its validation twin: every graph and chains of them against PyTorch (sequential
-and seeded random orders, batch 1 and 32), and the runtime's test accuracy over the orders the
+"""Stage `export@<model>`: one ONNX graph per block (plus stem, head and a manifest) for a model of
+export.models (by name: a fine-tuned run, or the selected model), and its validation twin: every
+graph and chains of them against PyTorch (sequential and seeded random orders, batch 1 and 32), and the runtime's test accuracy over the orders the
 evaluate stage used against PyTorch's. Writes exports/<model>/ and metrics/export/<model>.json."""
-from pathlib import Path
-
 from pipeline.stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
 
+from anyorder.config import model_dir, model_evaluation
 from anyorder.data.prepared import load_split
 from anyorder.export.blocks import check_export, export_model, runtime_accuracy
 from anyorder.files import atomic_write_json
@@ -15,10 +14,10 @@ from anyorder.model.checkpoint import load_model
 def main() -> None:
     stage = begin(__doc__, "export", foreach="model")
     name, cfg = stage.args.model, stage.settings.export
-    entry = cfg.models[name]
+    model_path = str(model_dir(stage.settings, name))
     with user_errors():
-        model = load_model(entry.model)
-        evaluation = read_json(Path(entry.metrics), "evaluate (or select)")
+        model = load_model(model_path)
+        evaluation = read_json(model_evaluation(stage.settings, name), "evaluate (or select)")
         images, labels = load_split(PREPARED, "test")
     accuracy = {"sequential": evaluation["sequential"], "arbitrary": evaluation["arbitrary"],
                 "split": "test", "num_images": evaluation["num_images"],
@@ -26,7 +25,7 @@ def main() -> None:
     with track(stage) as mlflow:
         out = EXPORTS / name
         manifest = export_model(model, out, name, cfg.opset, accuracy,
-                                extra={"source_model": entry.model}, checkpoint_dir=entry.model)
+                                extra={"source_model": model_path}, checkpoint_dir=model_path)
         check = check_export(model, out, cfg.check_orders, cfg.check_seed)
         check["runtime_test_accuracy"] = runtime_accuracy(out, evaluation, images, labels)
         metrics = {"model": name, "version": manifest["version"], "variant": manifest["variant"],

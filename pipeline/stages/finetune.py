@@ -3,8 +3,9 @@ starting from the pre-trained sequential model, as in the paper. The run's knobs
 paper's pruning baselines: `layerdrop_rate` (LayerDrop: blocks skipped during training, order
 kept) and `depth` (a shallower model: the pre-trained model's first `depth` blocks)."""
 from pipeline.outputs import train_and_log
-from pipeline.stage import FINETUNED, PLOTS, PRETRAINED, begin, fail, user_errors
+from pipeline.stage import PLOTS, PRETRAINED, begin, fail, user_errors
 
+from anyorder.config import FINETUNED
 from anyorder.device import resolve_device
 from anyorder.evaluation.orders import layerdrop_rates
 from anyorder.model.checkpoint import load_model, load_start_weights
@@ -18,7 +19,7 @@ def main() -> None:
     run_name = stage.args.run
     run, cfg = stage.settings.finetune.runs[run_name], stage.settings.finetune
     with user_errors():
-        resolve_device(cfg.device, "finetune.device")
+        resolve_device(cfg.train.device, "finetune.train.device")
         base = load_model(PRETRAINED).spec
         if run.depth is not None and run.depth > base.depth:
             fail(f"finetune.runs.{run_name}.depth: {run.depth} is deeper than the pre-trained "
@@ -33,7 +34,7 @@ def main() -> None:
     if run.knob("layerdrop_rate"):
         knobs["layerdrop"] = layerdrop_rates(model.depth, run.knob("layerdrop_rate"),
                                              run.knob("layerdrop_schedule"))
-    train_and_log(stage, train_and_save, model, run.training(cfg), run.seed, FINETUNED / run_name,
+    train_and_log(stage, train_and_save, model, run.training(cfg.train), run.seed, FINETUNED / run_name,
                   PLOTS / "train" / f"finetune-{run_name}.csv", **knobs)
 
 

@@ -16,6 +16,7 @@ from pipeline.outputs import train_and_log, write, write_robustness
 from pipeline.stage import (METRICS, NULLSPACE, PLOTS, PREPARED, begin, load_corrupted,
                             require_model, user_errors)
 
+from anyorder.config import model_dir
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
 from anyorder.evaluation.intervals import pack_tree
@@ -30,16 +31,16 @@ def main() -> None:
     arm_name, cfg = stage.args.arm, stage.settings.nullspace
     arm = cfg.arms[arm_name]
     with user_errors():
-        device = resolve_device(cfg.device, "nullspace.device")
+        device = resolve_device(cfg.train.device, "nullspace.train.device")
         robustness_device = resolve_device(stage.settings.robustness.device, "robustness.device")
-        require_model(arm.start, f"nullspace.arms.{arm_name}.start: {arm.start}",
-                      "models/finetune/sequential")
+        start_dir = str(model_dir(stage.settings, arm.start))
+        require_model(start_dir, f"nullspace.arms.{arm_name}.start: {arm.start} ({start_dir})")
         corrupted = load_corrupted(stage.settings)
         train_images, _ = load_split(PREPARED, "train")
-    model, start = load_model(arm.start), load_model(arm.start)  # start: kept as it was
-    recipe = arm_recipe(arm_name, arm, cfg.synthesis)
-    trained = training_record(arm.start).get("config", {})  # empty: a start trained elsewhere
-    epochs = {"fine_tune_epochs": f"{trained.get('epochs', '?')}+{cfg.epochs}"}
+    model, start = load_model(start_dir), load_model(start_dir)  # start: kept as it was
+    recipe = arm_recipe(arm_name, start_dir, arm.noise, cfg.synthesis)
+    trained = training_record(start_dir).get("config", {})
+    epochs = {"fine_tune_epochs": f"{trained.get('epochs', '?')}+{cfg.train.epochs}"}
 
     def evaluate(mlflow, history) -> None:
         metrics, outcomes = robustness_record(
@@ -48,7 +49,7 @@ def main() -> None:
         write_robustness(mlflow, metrics)
         write(METRICS / "outcomes" / f"{arm_name}.json", pack_tree({"robustness": outcomes}))
 
-    train_and_log(stage, train_and_save, model, cfg.training(), arm.seed, NULLSPACE / arm_name,
+    train_and_log(stage, train_and_save, model, cfg.train, arm.seed, NULLSPACE / arm_name,
                   PLOTS / "train" / f"nullspace-{arm_name}.csv", info={"nullspace": recipe},
                   epoch_noise=epoch_noise(arm.noise, cfg.synthesis, train_images, device),
                   fingerprint_extra=json.dumps(recipe, sort_keys=True), then=evaluate)

@@ -22,11 +22,11 @@ def main() -> None:
             fail(f"model.pretrained: {m.pretrained!r} is not inside {WEIGHTS_DIR}/; copy the file "
                  f"there (or `dvc import-url` it there) so that DVC reruns this stage when it "
                  f"changes, and set model.pretrained: {WEIGHTS_DIR}/<file>.safetensors")
-        resolve_device(cfg.device, "pretrain.device")
+        resolve_device(cfg.train.device, "pretrain.train.device")
         meta = load_meta(PREPARED)
         spec = model_spec(m, meta["image_size"], meta["class_names"])
         model = build_model(spec, m.pretrained, seed=cfg.seed)
-    train_and_log(stage, train_and_save, model, cfg.training(), cfg.seed, PRETRAINED,
+    train_and_log(stage, train_and_save, model, cfg.train, cfg.seed, PRETRAINED,
                   PLOTS / "train" / "pretrain.csv")
 
 

@@ -4,9 +4,9 @@ to models/selected/<select.name> with `selection.json` (every candidate's score)
 `evaluate.json` (the chosen run's test evaluation, for the export's manifest)."""
 import shutil
 
-from pipeline.stage import (FINETUNED, METRICS, PREPARED, SELECTED, begin, fail, read_json, track,
-                            user_errors)
+from pipeline.stage import METRICS, PREPARED, begin, fail, read_json, track, user_errors
 
+from anyorder.config import FINETUNED, SELECTED
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
 from anyorder.evaluation.accuracy import select_best

@@ -4,7 +4,7 @@ baseline to reach its plateau, and does fine-tuning need augmentation?
 For each pre-training length given (params.yaml's `pretrain` recipe, only `epochs` changed), on the
 prepared default data: the pre-trained model, then params.yaml's fine-tune (`finetune`, its
 epochs, lr and schedule) of the sequential baseline and of plain LayerShuffle from it, each with
-the fine-tune's random shifts (`finetune.shift_pixels`) and without (the paper's setting).
+the fine-tune's random shifts (`finetune.train.shift_pixels`) and without (the paper's setting).
 Everything is scored on the validation split (sequential, and over `select.num_orders` random
 orders: what chooses) and on the test split (sequential, and over `evaluate.num_orders` random
 orders: reported only). Writes metrics/study/baseline.{json,md}. Reads data/prepared (run
@@ -52,7 +52,7 @@ def main() -> None:
     train, val, test = (load_split(PREPARED, s) for s in ("train", "val", "test"))
     meta = load_meta(PREPARED)
     spec = model_spec(settings.model, meta["image_size"], meta["class_names"])
-    shifts = sorted({0, settings.finetune.shift_pixels})
+    shifts = sorted({0, settings.finetune.train.shift_pixels})
 
     def scored(model) -> dict:
         return {"val": scores(model, val, settings.select.num_orders, settings.select.order_seed),
@@ -63,7 +63,7 @@ def main() -> None:
     for epochs in args.epochs:
         started = time.perf_counter()
         pretrained = build_model(spec, settings.model.pretrained, seed=settings.pretrain.seed)
-        train_model(pretrained, train, val, dataclasses.replace(settings.pretrain.training(),
+        train_model(pretrained, train, val, dataclasses.replace(settings.pretrain.train,
                                                                  epochs=epochs),
                     settings.pretrain.seed, progress=False)
         row = {"pretrained": scored(pretrained)}
@@ -73,13 +73,13 @@ def main() -> None:
             for shift in shifts:
                 model = build_model(variant_spec(pretrained.spec, run), seed=run.seed)
                 model.load_state_dict(pretrained.state_dict())
-                cfg = dataclasses.replace(run.training(settings.finetune), shift_pixels=shift)
+                cfg = dataclasses.replace(run.training(settings.finetune.train), shift_pixels=shift)
                 train_model(model, train, val, cfg, run.seed, progress=False)
                 row[f"{variant}_shift{shift}"] = scored(model)
         results[str(epochs)] = row
         print(f"[baseline study] pre-training {epochs} epochs: "
               f"{time.perf_counter() - started:.0f}s", flush=True)
-    summary = {"pretrain_epochs": args.epochs, "fine_tune_epochs": settings.finetune.epochs,
+    summary = {"pretrain_epochs": args.epochs, "fine_tune_epochs": settings.finetune.train.epochs,
                "shifts": shifts, "results": results}
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / "baseline.json", summary)

@@ -52,8 +52,8 @@ OUT = Path("metrics/study")
 SOURCE = Path("data/embedded/digits.npz")
 
 # name -> the LS fine-tune (params.yaml's FinetuneRun fields). "ls" is the schedule LS had before
-# this study (8 epochs, finetune.lr, one order per batch); the others change one thing or two.
-# The baseline is finetune.runs.sequential with params.yaml's schedule (finetune.epochs).
+# this study (8 epochs, the fine-tunes' lr, one order per batch); the others change one thing or two.
+# The baseline is finetune.runs.sequential with params.yaml's schedule (finetune.train.epochs).
 CANDIDATES = {
     "ls": {"variant": "ls", "epochs": 8},
     "ls_sample": {"variant": "ls", "epochs": 8, "order_sampling": "sample"},
@@ -192,7 +192,7 @@ class StudyModels:
             return model
         knobs = {k: v for k in ("order_sampling", "position_loss_weight")
                  if (v := run.knob(k)) is not None}
-        return self.trained(name, make, run.training(self.settings.finetune), run.seed, start,
+        return self.trained(name, make, run.training(self.settings.finetune.train), run.seed, start,
                             **knobs)
 
 
@@ -202,14 +202,14 @@ def train_models(cache: StudyModels, settings, args: argparse.Namespace) -> tupl
     pre = settings.pretrain
     spec = model_spec(settings.model, settings.data.image_size, [str(c) for c in range(10)])
     cache.trained("pretrain", lambda: build_model(spec, settings.model.pretrained, seed=pre.seed),
-                  pre.training(), pre.seed)
+                  pre.train, pre.seed)
     if any(CANDIDATES[name].get("start") == "pretrain_ls" for name in args.candidates):
         ls_spec = dataclasses.replace(spec, variant="ls")
         cache.trained("pretrain_ls", lambda: build_model(ls_spec, settings.model.pretrained,
-                                                         seed=pre.seed), pre.training(), pre.seed)
+                                                         seed=pre.seed), pre.train, pre.seed)
     runs = {"sequential": settings.finetune.runs["sequential"]}
     runs.update({name: settings.finetune.runs[name] for name in args.also})
-    runs.update({name: candidate_run(CANDIDATES[name], settings.finetune)
+    runs.update({name: candidate_run(CANDIDATES[name], settings.finetune.train)
                  for name in args.candidates})
     starts = {name: CANDIDATES.get(name, {}).get("start", "pretrain") if name in args.candidates
               else "pretrain" for name in runs}
@@ -233,8 +233,8 @@ def score(models: dict, runs: dict, starts: dict, work: Path, settings, val, tes
         final = _final(work / name)
         results[name] = {
             "run": dataclasses.asdict(runs[name]), "start": starts[name],
-            "epochs": runs[name].training(settings.finetune).epochs,
-            "lr": runs[name].training(settings.finetune).lr,
+            "epochs": runs[name].training(settings.finetune.train).epochs,
+            "lr": runs[name].training(settings.finetune.train).lr,
             "train_accuracy_last_epoch": final.get("train_accuracy"),
             "val_random_orders": val_scores[name],
             "test_sequential": test_eval["sequential"],

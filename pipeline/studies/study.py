@@ -7,7 +7,7 @@ writes metrics/study/nullspace.json and metrics/study/nullspace.md: per arm mean
 seeds, the differences nullspace - plain and nullspace - random with 95% bootstrap intervals over
 test images and seeds, and every epoch's noise synthesis. It reads what `make run` wrote (data/prepared,
 data/corrupted, the start models) and decides nothing on the test split: every arm trains for
-nullspace.epochs and its last epoch is the model (validation accuracy is recorded, not used).
+nullspace.train.epochs and its last epoch is the model (validation accuracy is recorded, not used).
 
     python -m pipeline.studies.study --seeds 0 1 2        # make study
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.stage import CORRUPTED, FINETUNED, PREPARED, load_corrupted
+from pipeline.stage import CORRUPTED, PREPARED, load_corrupted
 
 from anyorder.model.checkpoint import load_model
-from anyorder.config import load_settings
+from anyorder.config import FINETUNED, load_settings, model_dir
 from anyorder.robustness.corruptions import CORRUPTIONS
 from anyorder.data.prepared import load_split
 from anyorder.files import atomic_write_bytes, atomic_write_json
@@ -78,7 +78,7 @@ def train_and_evaluate(arms: dict, starts: list[str], seeds: list[int], cfg, spl
     for arm_name, arm in arms.items():
         for seed in seeds:
             model = load_model(arm.start)
-            history = train_model(model, train, val, cfg.training(), seed, progress=False,
+            history = train_model(model, train, val, cfg.train, seed, progress=False,
                                   epoch_noise=epoch_noise(arm.noise, synthesis, train[0],
                                                           device)).history
             evaluate(f"{arm_name}:seed{seed}", model)
@@ -131,8 +131,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = load_settings(args.params)
     cfg, robust = settings.nullspace, replace(settings.robustness, num_images=None)
-    arms = {**cfg.arms, **cfg.study_arms}
-    device = resolve_device(cfg.device, "nullspace.device")
+    arms = {name: replace(arm, start=str(model_dir(settings, arm.start)))
+            for name, arm in {**cfg.arms, **cfg.study_arms}.items()}
+    device = resolve_device(cfg.train.device, "nullspace.train.device")
     starts = sorted({arm.start for arm in arms.values()})
     splits = load_splits(starts)
     corrupted = load_corrupted(settings)  # checked against robustness.corruptions

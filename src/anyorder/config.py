@@ -42,24 +42,50 @@ class ComputeConfig(Section):
         require(self.threads >= 0, f"{key}.threads", "must be >= 0 (0: all cores)", self.threads)
 
 
-@dataclass(frozen=True, kw_only=True)
-class PretrainConfig(TrainConfig):
+# The sections that train. Each holds `train:`, what it sets differently from the top-level
+# `train:` section (every key of it may be set, none must be); the section's settings are the
+# top-level ones with its own on top, and a fine-tune run's own `epochs` / `lr` on top of those.
+TRAINING_SECTIONS = ("pretrain", "finetune", "nullspace")
+
+
+def with_shared_training(raw: dict) -> dict:
+    """`raw` with each training section's `train:` completed from the top-level `train:`
+    (before the sections are built: a key missing in both is reported as missing)."""
+    shared = raw.get("train")
+    if not isinstance(shared, dict):
+        return raw
+    out = dict(raw)
+    for name in TRAINING_SECTIONS:
+        section = raw.get(name)
+        if isinstance(section, dict) and isinstance(section.get("train"), dict):
+            out[name] = {**section, "train": {**shared, **section["train"]}}
+    return out
+
+
+@dataclass(frozen=True)
+class PretrainConfig(Section):
+    train: TrainConfig               # train, with pretrain.train on top
     seed: int
 
+    def check(self, key: str) -> None:
+        self.train.check(f"{key}.train")
 
-@dataclass(frozen=True, kw_only=True)
-class FinetuneConfig(TrainConfig):
-    runs: dict[str, FinetuneRun]
+
+@dataclass(frozen=True)
+class FinetuneConfig(Section):
+    train: TrainConfig               # train, with finetune.train on top (a run may set its own
+    runs: dict[str, FinetuneRun]     # epochs and lr: `FinetuneRun.training`)
 
     def check(self, key: str) -> None:
-        super().check(key)
+        self.train.check(f"{key}.train")
         require(len(self.runs) >= 1, f"{key}.runs", "needs at least one run", self.runs)
+        warmup = self.train.warmup_epochs
         for name, run in self.runs.items():
             check_name(name, f"{key}.runs.{name}")
             run.check(f"{key}.runs.{name}")
             if run.epochs is not None:  # the shared warm-up must fit the run's own schedule
-                require(self.warmup_epochs < run.epochs, f"{key}.runs.{name}.epochs",
-                        f"must be > finetune.warmup_epochs ({self.warmup_epochs})", run.epochs)
+                require(warmup < run.epochs, f"{key}.runs.{name}.epochs",
+                        f"must be > the fine-tunes' warmup_epochs ({warmup})", run.epochs)
 
 
 @dataclass(frozen=True)
@@ -93,29 +119,19 @@ class SelectConfig(Section):
 
 
 @dataclass(frozen=True)
-class ExportModel(Section):
-    model: str                       # a model directory the pipeline wrote
-    metrics: str                     # its evaluation (metrics/evaluate/<run>.json)
-
-
-@dataclass(frozen=True)
 class ExportConfig(Section):
     # The TorchScript-based exporter writes opsets 14..20 (17 brings LayerNormalization).
     opset: int
     check_orders: int                # seeded random orders the chained graphs are checked in
     check_seed: int
-    models: dict[str, ExportModel]
+    models: list[str]                # models by name (a run of finetune.runs, or select.name)
 
     def check(self, key: str) -> None:
         require(14 <= self.opset <= 20, f"{key}.opset", "must be in 14..20 (what the exporter "
                 "writes)", self.opset)
         require(self.check_orders >= 1, f"{key}.check_orders", "must be >= 1", self.check_orders)
-        for name, entry in self.models.items():
-            check_name(name, f"{key}.models.{name}")
-            for field_name in ("model", "metrics"):
-                require(bool(getattr(entry, field_name).strip()), f"{key}.models.{name}."
-                        f"{field_name}", "must name a path the pipeline writes",
-                        getattr(entry, field_name))
+        require(len(set(self.models)) == len(self.models), f"{key}.models", "names a model twice",
+                self.models)
 
 
 @dataclass(frozen=True)
@@ -139,13 +155,14 @@ class RegisterConfig(Section):
 @dataclass(frozen=True)
 class NullspaceArm(Section):
     """One nullspace fine-tuning arm: a start model, the noise it trains against, a seed."""
-    start: str                                  # a model directory the pipeline writes
+    start: str                       # the model it fine-tunes: a run of finetune.runs, or select.name
     noise: Literal["nullspace", "random", "none"]
     seed: int
 
 
-@dataclass(frozen=True, kw_only=True)
-class NullspaceConfig(TrainConfig):
+@dataclass(frozen=True)
+class NullspaceConfig(Section):
+    train: TrainConfig               # train, with nullspace.train on top
     synthesis: SynthesisConfig
     arms: dict[str, NullspaceArm]
     # Arms only the study (pipeline/studies/study.py, `make study`) runs, beside `arms`: no stage
@@ -153,13 +170,11 @@ class NullspaceConfig(TrainConfig):
     study_arms: dict[str, NullspaceArm]
 
     def check(self, key: str) -> None:
-        super().check(key)
+        self.train.check(f"{key}.train")
         self.synthesis.check(f"{key}.synthesis")
         for section, arms in (("arms", self.arms), ("study_arms", self.study_arms)):
-            for name, arm in arms.items():
+            for name in arms:
                 check_name(name, f"{key}.{section}.{name}")
-                require(bool(arm.start.strip()), f"{key}.{section}.{name}.start",
-                        "must name a model directory the pipeline writes", arm.start)
 
 
 @dataclass(frozen=True)
@@ -178,7 +193,7 @@ class PruningConfig(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class MergeModel(Section):
-    """One Frankenstein model: a recipe generator and its sources (model directories)."""
+    """One Frankenstein model: a recipe generator and its sources (runs of finetune.runs)."""
     generator: Literal["random", "greedy", "manual"]
     sources: list[str] = field(default_factory=list)
     base: Optional[str] = None       # stem/head source; null: the first (random), best (greedy)
@@ -193,11 +208,10 @@ class MergeModel(Section):
             return
         require(self.recipe is None, f"{key}.recipe", f"only the manual generator reads a "
                 f"recipe file, not {self.generator}; remove it", self.recipe)
-        require(len(self.sources) >= 2, f"{key}.sources", "needs at least two model "
-                "directories", self.sources)
-        names = [Path(s).name for s in self.sources]
-        require(len(set(names)) == len(names), f"{key}.sources", "the directories must have "
-                "distinct names (they name the sources in the recipe)", self.sources)
+        require(len(self.sources) >= 2, f"{key}.sources", "needs at least two runs",
+                self.sources)
+        require(len(set(self.sources)) == len(self.sources), f"{key}.sources", "names a run "
+                "twice", self.sources)
         require(self.base is None or self.base in self.sources, f"{key}.base",
                 "must be one of the sources, or null", self.base)
 
@@ -222,7 +236,7 @@ class MergeConfig(Section):
 @dataclass(frozen=True)
 class AnalysisConfig(Section):
     """How blocks behave at the slot they run at (the analysis stage)."""
-    models: list[str]                # model directories analysed
+    models: list[str]                # runs of finetune.runs, by name
     block: int                       # the block whose output is projected, run at every slot
     projection: Literal["umap", "pca"]
     num_images: int                  # test images (a seeded subset) for the projection
@@ -260,6 +274,7 @@ class MlflowConfig(Section):
 class Settings(Section):
     data: DataConfig
     model: ModelConfig
+    train: TrainConfig               # what every training run shares (TRAINING_SECTIONS)
     pretrain: PretrainConfig
     finetune: FinetuneConfig
     evaluate: EvaluateConfig
@@ -279,6 +294,7 @@ class Settings(Section):
         self.compute.check("compute")
         self.data.check("data")
         self.model.check("model", self.data.image_size)
+        self.train.check("train")
         self.pretrain.check("pretrain")
         self.finetune.check("finetune")
         self.evaluate.check("evaluate")
@@ -291,6 +307,31 @@ class Settings(Section):
         self.merge.check("merge")
         self.analysis.check("analysis")
         self.report.check("report", self.finetune.runs)
+        self.check_model_names()
+
+    def check_model_names(self) -> None:
+        """Every model named in params.yaml is a run of finetune.runs, or the selected model
+        where a stage can read it (nullspace starts, exports)."""
+        runs = list(self.finetune.runs)
+        require(self.select.name not in runs, "select.name", "must differ from every run of "
+                "finetune.runs (models are referred to by name)", self.select.name)
+        models = runs + [self.select.name]
+
+        def known(name: str, key: str, names: list[str], where: str) -> None:
+            require(name in names, key, f"must name a model of {where} ({', '.join(names)})",
+                    name)
+
+        either = "finetune.runs or select.name"
+        for section in ("arms", "study_arms"):
+            for name, arm in getattr(self.nullspace, section).items():
+                known(arm.start, f"nullspace.{section}.{name}.start", models, either)
+        for name, entry in self.merge.models.items():
+            for source in entry.sources:
+                known(source, f"merge.models.{name}.sources", runs, "finetune.runs")
+        for name in self.analysis.models:
+            known(name, "analysis.models", runs, "finetune.runs")
+        for name in self.export.models:
+            known(name, "export.models", models, either)
 
     def restrict_to(self, declared: list[str], stage: str) -> "Settings":
         """From now on, reading a key outside `declared` (dotted prefixes) raises
@@ -302,6 +343,24 @@ class Settings(Section):
         """The dotted keys read since `restrict_to` (empty before)."""
         log = object.__getattribute__(self, "__dict__").get("_log")
         return set(log.read) if log else set()
+
+
+# A model of the pipeline by name: a run of finetune.runs, or the selected model. Both the rule
+# and the directories live here; a stage that resolves a name declares `select.name`.
+FINETUNED, SELECTED = Path("models/finetune"), Path("models/selected")
+
+
+def model_dir(settings: Settings, name: str) -> Path:
+    """The directory of the model called `name` (checked at load: see `check_model_names`)."""
+    return SELECTED / name if name == settings.select.name else FINETUNED / name
+
+
+def model_evaluation(settings: Settings, name: str) -> Path:
+    """The evaluation (test split, random orders) of the model called `name`: the selected
+    model's lies beside it, a run's in metrics/evaluate/."""
+    if name == settings.select.name:
+        return SELECTED / name / "evaluate.json"
+    return Path("metrics/evaluate") / f"{name}.json"
 
 
 def load_settings(path: str | Path = "params.yaml", overrides: Optional[dict[str, Any]] = None
@@ -325,7 +384,7 @@ def settings_from_dict(raw: Any, overrides: Optional[dict[str, Any]] = None) -> 
     """Build validated `Settings` from a nested dict (plus optional dotted-key overrides)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or {})
+    raw = with_shared_training(apply_overrides(raw, overrides or {}))
     settings = build_section(Settings, raw, "")
     settings.check()
     return settings

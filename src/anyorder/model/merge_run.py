@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from anyorder.config import FINETUNED
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
 from anyorder.model.checkpoint import WEIGHTS, load_model, save_model, training_record
 from anyorder.model.merge import (GENERATORS, MergeContext, MergeError, MergeResult, Recipe,
@@ -16,16 +17,17 @@ from anyorder.model.vit import AnyOrderViT
 
 
 def load_sources(name: str, entry, allowed: list[Path]) -> tuple[dict[str, str], dict]:
-    """The sources of merge.models.<name> (a manual entry: its recipe's): name -> model
-    directory, each inside one of `allowed` (the directories the merge stage declares in
-    dvc.yaml, else DVC would not rerun the merge when a source changes), and their models, which
-    must be able to exchange blocks. MergeError naming the setting otherwise."""
+    """The sources of merge.models.<name>: name -> model directory (runs of finetune.runs, or a
+    manual entry's recipe's directories, each inside one of `allowed`: the directories the merge
+    stage declares in dvc.yaml, else DVC would not rerun the merge when a source changes), and
+    their models, which must be able to exchange blocks. MergeError naming the setting
+    otherwise."""
     where = f"merge.models.{name}"
     if entry.generator == "manual":
         sources = Recipe.load(entry.recipe).sources
         where = f"{entry.recipe} (merge.models.{name}.recipe)"
     else:
-        sources = {Path(path).name: path for path in entry.sources}
+        sources = {run: str(FINETUNED / run) for run in entry.sources}
     for source, path in sources.items():
         if not any(Path(path) == d or d in Path(path).parents for d in allowed):
             raise MergeError(
@@ -45,7 +47,7 @@ def plan_merge(entry, sources: dict[str, str], models: dict, scorer: Scorer
                ) -> tuple[MergeContext, Optional[MergeResult]]:
     """The generator's context, and the recipe of a generator that scores nothing (random,
     manual), already checked against the models; None for greedy, which scores as it goes."""
-    context = MergeContext(sources, models, Path(entry.base).name if entry.base else None,
+    context = MergeContext(sources, models, entry.base,
                            entry.seed, scorer, entry.recipe)
     early = None if entry.generator == "greedy" else GENERATORS[entry.generator](context)
     if early is not None:

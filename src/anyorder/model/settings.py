@@ -64,7 +64,7 @@ class FinetuneRun(Section):
     layerdrop_schedule: Optional[Literal["uniform", "linear"]] = None
     # A shallower model: the start model's first `depth` blocks, trained at that depth.
     depth: Optional[int] = None
-    # The run's own schedule length and peak learning rate (null: finetune.epochs / finetune.lr).
+    # The run's own schedule length and peak learning rate (null: those of finetune.train).
     # LayerShuffle has more to learn than a sequential fine-tune (every block at every slot).
     epochs: Optional[int] = None
     lr: Optional[float] = None
@@ -113,7 +113,7 @@ class FinetuneRun(Section):
     def training(self, shared: TrainConfig) -> TrainConfig:
         """The run's training settings: the shared ones with the run's own epochs / lr."""
         own = {name: value for name in ("epochs", "lr") if (value := getattr(self, name)) is not None}
-        return dataclasses.replace(shared.training(), **own)
+        return dataclasses.replace(shared, **own)
 
     def knob(self, name: str) -> Any:
         """The value of a variant knob, its default when unset (None if the variant lacks it)."""

@@ -12,10 +12,10 @@ import numpy as np
 from anyorder.robustness.evaluate import accuracy, evaluate_robustness, order_groups
 
 
-def arm_recipe(name: str, arm, synthesis) -> dict:
-    """A nullspace arm's start model, noise kind and synthesis settings (recorded in its
-    model.json, and part of its resume fingerprint)."""
-    return {"arm": name, "start": arm.start, "noise": arm.noise, "synthesis": asdict(synthesis)}
+def arm_recipe(name: str, start: str, noise: str, synthesis) -> dict:
+    """A nullspace arm's start model (its directory), noise kind and synthesis settings
+    (recorded in its model.json, and part of its resume fingerprint)."""
+    return {"arm": name, "start": start, "noise": noise, "synthesis": asdict(synthesis)}
 
 
 def synthesis_per_epoch(history: list[dict]) -> list[dict]:

@@ -1,6 +1,6 @@
 """Training on several processes: one code path for 1 and N, switched on by torchrun's environment.
 
-    torchrun --standalone --nproc_per_node 2 -m pipeline.stages.finetune ...  # or finetune.nproc: 2
+    torchrun --standalone --nproc_per_node 2 -m pipeline.stages.finetune ...  # or train.nproc: 2
 
 Under torchrun (WORLD_SIZE > 1) `init` joins the process group (gloo on CPU, NCCL on CUDA, one
 GPU per local rank); alone it does nothing and every helper below is the identity. The training

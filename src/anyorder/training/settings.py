@@ -2,7 +2,6 @@
 and processes (read by `anyorder.training.loop`, `optimizer` and `resume`)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -49,7 +48,3 @@ class TrainConfig(Section):
         require(self.shift_pixels >= 0, f"{key}.shift_pixels", "must be >= 0", self.shift_pixels)
         check_device(self.device, f"{key}.device")
 
-    def training(self) -> "TrainConfig":
-        """Just the shared training fields (reads each of them, nothing else of a subclass)."""
-        return TrainConfig(**{f.name: getattr(self, f.name)
-                              for f in dataclasses.fields(TrainConfig)})
