@@ -32,12 +32,14 @@ def main() -> None:
     trained = training_record(FINETUNED / run_name)
     epochs = {"fine_tune_epochs": trained["config"]["epochs"]}
     with track(stage) as mlflow:
-        result, pruning, orders = evaluate_and_prune(settings, model, run_name, trained["seed"],
-                                                     test, device, pruning_device, extra=epochs)
+        result, pruning, orders = evaluate_and_prune(
+            settings.evaluate, settings.pruning, model, run_name, trained["seed"], test, device,
+            pruning_device, extra=epochs)
         write_evaluation(mlflow, result, pruning)
         train_images, _ = load_split(PREPARED, "train")
-        robust, robustness = robustness_record(settings, model, run_name, test, train_images,
-                                               corrupted, robustness_device, extra=epochs)
+        robust, robustness = robustness_record(settings.robustness, model, run_name, test,
+                                               train_images, corrupted, robustness_device,
+                                               extra=epochs)
         write_robustness(mlflow, robust)
         write(METRICS / "outcomes" / f"{run_name}.json",
               pack_tree({"orders": orders, "robustness": robustness}))

@@ -37,8 +37,8 @@ def main() -> None:
         result, merged, card = merge_with_card(name, entry, context, early)
         save_merged(MERGED / name, merged, result.recipe, card)
         evaluation, pruning, outcomes = evaluate_and_prune(
-            stage.settings, merged, name, entry.seed, test, evaluate_device, pruning_device,
-            merge_extra(sources))
+            stage.settings.evaluate, stage.settings.pruning, merged, name, entry.seed, test,
+            evaluate_device, pruning_device, merge_extra(sources))
         write_evaluation(mlflow, evaluation, pruning)
         write(METRICS / "outcomes" / f"{name}.json", pack_tree({"orders": outcomes}))
         write(METRICS / "merge" / f"{name}.json", with_test(card, evaluation, pruning))

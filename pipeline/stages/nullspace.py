@@ -44,8 +44,8 @@ def main() -> None:
 
     def evaluate(mlflow, history) -> None:
         metrics, outcomes = robustness_record(
-            stage.settings, model, arm_name, load_split(PREPARED, "test"), train_images, corrupted,
-            robustness_device, start, synthesis_per_epoch(history), epochs)
+            stage.settings.robustness, model, arm_name, load_split(PREPARED, "test"), train_images,
+            corrupted, robustness_device, start, synthesis_per_epoch(history), epochs)
         write_robustness(mlflow, metrics)
         write(METRICS / "outcomes" / f"{arm_name}.json", pack_tree({"robustness": outcomes}))
 

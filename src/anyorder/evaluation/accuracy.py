@@ -16,19 +16,6 @@ Order = Optional[Sequence[int]]          # None: sequential; a shorter order is 
 Groups = list[tuple[np.ndarray, Order]]  # (image indices, their block order)
 
 
-@torch.no_grad()
-def stem_tokens(model: AnyOrderViT, images: np.ndarray, batch_size: int,
-                device: torch.device) -> list[torch.Tensor]:
-    """Tokens entering the first block, per batch. Orders only change what follows the stem,
-    so evaluating many orders computes the stem once."""
-    model.eval()
-    tokens = []
-    for start in range(0, len(images), batch_size):
-        batch = to_model_input(images[start:start + batch_size], model.spec, device)
-        tokens.append(model.forward_stem(batch))
-    return tokens
-
-
 def batches(groups: Groups, batch_size: int) -> Iterator[tuple[np.ndarray, Order]]:
     """(image indices, order) per batch, batches never mixing orders."""
     for indices, order in groups:

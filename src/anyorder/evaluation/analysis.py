@@ -14,9 +14,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-from anyorder.evaluation.accuracy import accuracy_for_orders, stem_tokens
+from anyorder.data.inputs import to_model_input
+from anyorder.evaluation.accuracy import accuracy_for_orders
 from anyorder.model.vit import AnyOrderViT
 from anyorder.evaluation.orders import generator_for, random_orders
+
+
+@torch.no_grad()
+def stem_tokens(model: AnyOrderViT, images: np.ndarray, batch_size: int,
+                device: torch.device) -> list[torch.Tensor]:
+    """Tokens entering the first block, per batch: the analyses run many orders over the same
+    images, and orders only change what follows the stem."""
+    model.eval()
+    tokens = []
+    for start in range(0, len(images), batch_size):
+        batch = to_model_input(images[start:start + batch_size], model.spec, device)
+        tokens.append(model.forward_stem(batch))
+    return tokens
 
 
 @torch.no_grad()

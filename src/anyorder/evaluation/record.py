@@ -10,12 +10,12 @@ from anyorder.evaluation.accuracy import evaluate_orders
 from anyorder.evaluation.pruning import pruning_curve
 
 
-def evaluate_and_prune(settings, model, name: str, seed, test: tuple, device, pruning_device,
+def evaluate_and_prune(cfg, prune, model, name: str, seed, test: tuple, device, pruning_device,
                        extra: Optional[dict] = None) -> tuple[dict, dict, dict]:
-    """The model's order evaluation and pruning curve on `test` (images, labels: the test split
-    the stage loaded before any compute), as the metrics files hold them (`extra` added to the
-    evaluation), and the per-image outcomes of the orders (for metrics/outcomes/<name>.json)."""
-    cfg, prune = settings.evaluate, settings.pruning
+    """The model's order evaluation (settings `cfg`: the evaluate section) and pruning curve
+    (`prune`: the pruning section) on `test` (images, labels: the test split the stage loaded
+    before any compute), as the metrics files hold them (`extra` added to the evaluation), and
+    the per-image outcomes of the orders (for metrics/outcomes/<name>.json)."""
     images, labels = test
     result = evaluate_orders(model, images, labels, cfg.num_orders, cfg.order_seed,
                              cfg.batch_size, device)

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 
 from anyorder.robustness.evaluate import accuracy, evaluate_robustness, order_groups
+from anyorder.robustness.settings import RobustnessConfig
 
 
 def arm_recipe(name: str, start: str, noise: str, synthesis) -> dict:
@@ -32,7 +33,8 @@ def synthesis_per_epoch(history: list[dict]) -> list[dict]:
     return records
 
 
-def robustness_record(settings, model, name: str, test: tuple, train_images: np.ndarray,
+def robustness_record(cfg: RobustnessConfig, model, name: str, test: tuple,
+                      train_images: np.ndarray,
                       corrupted: dict[str, np.ndarray], device, start=None,
                       training_synthesis: Optional[list[dict]] = None,
                       extra: Optional[dict] = None) -> tuple[dict, dict]:
@@ -41,7 +43,6 @@ def robustness_record(settings, model, name: str, test: tuple, train_images: np.
     modes; with `training_synthesis` (a nullspace fine-tune's noise, per epoch), that record too.
     Returns the record and the per-image outcomes (for metrics/outcomes/<name>.json)."""
     images, labels = test
-    cfg = settings.robustness
     result = evaluate_robustness(model, images, labels, corrupted, train_images, cfg, device)
     outcomes = result.pop("outcomes")
     metrics = {"model": name, **(extra or {}), **result}
