@@ -1,7 +1,8 @@
 """Stage `export@<model>`: one ONNX graph per block (plus stem, head and a manifest) for a model of
 export.models (by name: a fine-tuned run, or the selected model), and its validation twin: every
-graph and chains of them against PyTorch (sequential and seeded random orders, batch 1 and 32), and the runtime's test accuracy over the orders the
-evaluate stage used against PyTorch's. Writes exports/<model>/ and metrics/export/<model>.json."""
+graph and chains of them against PyTorch (sequential and seeded random orders, batch 1 and 32),
+and the runtime's test accuracy over the orders the evaluate stage used against PyTorch's. Writes
+exports/<model>/ and metrics/export/<model>.json."""
 from pipeline.stage import EXPORTS, METRICS, PREPARED, begin, read_json, track, user_errors
 
 from anyorder.config import model_dir, model_evaluation
