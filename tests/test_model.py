@@ -171,6 +171,35 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         build_model(tiny_spec(), pretrained=str(pickle))
 
 
+def test_timm_weights_load_strictly_and_a_file_that_does_not_fit_is_refused_by_key(tmp_path):
+    """Every tensor of the model comes from the file and every tensor of the file is used; only a
+    classifier for another number of classes stays fresh (and is named); another image grid is
+    resampled as timm does."""
+    import timm
+    torch.manual_seed(7)
+    source = timm.create_model("vit_tiny_patch16_224", **{
+        **tiny_spec().timm_kwargs(), "num_classes": 1000, "img_size": 32})
+    state = source.state_dict()
+    weights = tmp_path / "vit.safetensors"
+    save_file(state, str(weights))
+    model = build_model(tiny_spec(), pretrained=str(weights))  # 10 classes, 16 px: 4x4 patches
+    loaded = model.vit.state_dict()
+    assert torch.equal(loaded["blocks.3.mlp.fc2.weight"], state["blocks.3.mlp.fc2.weight"])
+    assert loaded["pos_embed"].shape == (1, 17, 32) and state["pos_embed"].shape == (1, 65, 32)
+    assert loaded["head.weight"].shape == (10, 32)
+    missing, extra = dict(state), {**state, "blocks.9.norm1.weight": torch.ones(32)}
+    del missing["blocks.1.attn.proj.bias"]
+    for name, tensors, message in (("missing", missing, "the model's blocks.1.attn.proj.bias "
+                                    "missing from the file"),
+                                   ("extra", extra, "the file's blocks.9.norm1.weight unknown "
+                                    "to the model")):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ModelSettingsError) as info:
+            build_model(tiny_spec(), pretrained=str(tmp_path / f"{name}.safetensors"))
+        assert str(info.value).startswith("model.pretrained: the weights ")
+        assert message in str(info.value)
+
+
 def test_uniform_drop_path_follows_no_block_index():
     model = build_model(tiny_spec("ls", drop_path_rate=0.2))
     rates = {block.drop_path1.drop_prob for block in model.vit.blocks}

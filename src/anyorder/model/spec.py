@@ -141,6 +141,7 @@ def build_timm_vit(spec: ModelSpec, pretrained: str = "none") -> nn.Module:
 
     architecture_defaults(spec.arch)  # a clear error for an unknown or non-ViT name
     kwargs = spec.timm_kwargs()
+    file = None
     if pretrained == "timm":
         _check_timm_weights_fit(spec)
         _check_timm_weights_reachable(spec.arch)
@@ -154,7 +155,6 @@ def build_timm_vit(spec: ModelSpec, pretrained: str = "none") -> nn.Module:
                 f"model.pretrained: {pretrained!r} is not a .safetensors file; this project loads "
                 f"no pickles: convert it once, e.g. safetensors.torch.save_file(torch.load(f, "
                 f"weights_only=True), 'weights.safetensors')")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(file)})
     try:
         vit = timm.create_model(spec.arch, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
@@ -162,9 +162,15 @@ def build_timm_vit(spec: ModelSpec, pretrained: str = "none") -> nn.Module:
             raise ModelSettingsError(f"model: timm cannot build {spec.arch} with "
                                      f"{_overrides(spec)}: {exc}") from exc
         raise ModelSettingsError(
-            f"model.pretrained: the weights {pretrained!r} do not load into {spec.arch} with "
+            f"model.pretrained: timm's weights do not load into {spec.arch} with "
             f"{_overrides(spec)}: {str(exc).splitlines()[0][:300]}; set the overrides to null "
             f"to use the shapes the weights were trained with") from exc
+    if file is not None:
+        from anyorder.model.weights import load_timm_weights
+        report = load_timm_weights(vit, file)
+        fresh = f"; new (another number of classes): {', '.join(report['new'])}" \
+            if report["new"] else ""
+        print(f"model.pretrained: {report['loaded']} tensors from {file}{fresh}", flush=True)
     _uniform_drop_path(vit, spec.drop_path_rate)
     return vit
 
