@@ -200,6 +200,27 @@ def test_timm_weights_load_strictly_and_a_file_that_does_not_fit_is_refused_by_k
         assert message in str(info.value)
 
 
+
+def test_timms_own_weights_from_the_hugging_face_cache_load_strictly(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import timm
+    repo = tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    state = timm.create_model("vit_tiny_patch16_224").state_dict()  # timm's shapes, 1000 classes
+    spec = tiny_spec(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                     mlp_ratio=4.0)
+    save_file(state, str(repo / "snapshots" / "abc" / "model.safetensors"))
+    model = build_model(spec, pretrained="timm")
+    assert torch.equal(model.vit.state_dict()["blocks.11.mlp.fc1.weight"],
+                       state["blocks.11.mlp.fc1.weight"])
+    del state["blocks.11.norm2.weight"]
+    save_file(state, str(repo / "snapshots" / "abc" / "model.safetensors"))
+    with pytest.raises(ModelSettingsError, match="the model's blocks.11.norm2.weight missing"):
+        build_model(spec, pretrained="timm")
+
 def test_uniform_drop_path_follows_no_block_index():
     model = build_model(tiny_spec("ls", drop_path_rate=0.2))
     rates = {block.drop_path1.drop_prob for block in model.vit.blocks}

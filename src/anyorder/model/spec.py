@@ -144,8 +144,10 @@ def build_timm_vit(spec: ModelSpec, pretrained: str = "none") -> nn.Module:
     file = None
     if pretrained == "timm":
         _check_timm_weights_fit(spec)
-        _check_timm_weights_reachable(spec.arch)
-        kwargs["pretrained"] = True
+        file = _cached_timm_safetensors(spec.arch)
+        if file is None:  # not cached: timm downloads (and loads) them
+            _check_timm_weights_reachable(spec.arch)
+            kwargs["pretrained"] = True
     elif pretrained and pretrained != "none":
         file = Path(pretrained)
         if not file.is_file():
@@ -191,6 +193,24 @@ def _check_timm_weights_fit(spec: ModelSpec) -> None:
             f"model.pretrained: timm's weights for {spec.arch} cannot load with "
             f"{', '.join(changed)}: the pre-trained layers were trained with timm's values; set "
             f"those to null (model.patch_size and data.image_size may differ: timm resamples them)")
+
+
+def _cached_timm_safetensors(arch: str) -> Optional[Path]:
+    """timm's weights for `arch` as a .safetensors file in the Hugging Face cache (loaded
+    strictly, like a local file), or None."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = cfg.hf_hub_id.split("@")[0]
+    for name in ([cfg.hf_hub_filename] if cfg.hf_hub_filename else []) + ["model.safetensors"]:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str) and found.endswith(".safetensors"):
+            return Path(found)
+    return None
 
 
 def _check_timm_weights_reachable(arch: str, timeout: float = 5.0) -> None:
