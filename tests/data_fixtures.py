@@ -1,13 +1,21 @@
 """On-disk data sets for the data tests, built small in the real formats: CIFAR pickles, an
-ImageFolder tree, npz archives."""
+ImageFolder tree, npz archives; and `png`, an image as the bytes of an upload."""
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+def png(image: np.ndarray, mode=None) -> bytes:
+    """A uint8 image (H, W, 3) as PNG bytes (`mode`: PIL's, for grey or palette uploads)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                  "truck"]

@@ -2,14 +2,12 @@
 blocks) through every stage's library path: training, order evaluation, pruning, robustness (all
 15 corruptions, both attacks, the nullspace invariance), merging, export, the ONNX runtime and the
 HTTP service. The 16 px digits, upscaled 14x, are the data."""
-import io
 import sys
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anyorder.config import settings_from_dict
 from anyorder.evaluation.accuracy import evaluate_orders
@@ -25,6 +23,7 @@ from anyorder.serving.cluster import launch
 from anyorder.training.loop import train_model
 from anyorder.training.settings import TrainConfig
 from conftest import shipped_params, tiny_spec
+from data_fixtures import png
 
 SIZE, PATCH = 224, 16
 
@@ -90,12 +89,6 @@ def test_a_patch16_vit_at_224px_runs_every_corruption_attack_and_the_nullspace(t
     for mode in ("sequential", "random_orders"):  # noise as large as the image changes nothing
         assert exact[mode]["relative_logit_change_max"] < 1e-4
         assert exact[mode]["predictions_changed"] == 0
-
-
-def png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_a_patch16_vit_at_224px_exports_and_is_served_like_pytorch(trained224, data224,

@@ -3,7 +3,6 @@ behind the router; `tritonclient` against our worker; the HTTP service refusing 
 serving on; the export laid out as a Triton repository. Every loop is bounded in count and time.
 The codec and the worker registry, in-process, are in test_serving_protocol.py."""
 import asyncio
-import io
 import os
 import signal
 import sys
@@ -14,7 +13,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anyorder.export.blocks import export_model
 from anyorder.export.runtime import BlockRuntime
@@ -23,6 +21,7 @@ from anyorder.serving.cluster import launch
 from anyorder.serving.router import Router
 
 from conftest import tiny_model
+from data_fixtures import png
 
 DEPTH = 4
 WORKER = [sys.executable, "-m", "anyorder.serving.worker"]
@@ -260,12 +259,6 @@ def service(exported):
             yield client
     finally:
         stop(process)
-
-
-def png(image: np.ndarray, mode=None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def test_the_service_predicts_uploads_like_the_runtime(service, exported, test_images):
