@@ -6,7 +6,11 @@
 #    bf16 matmul peak measured in the same run; ViT-B/16 again with its blocks torch.compile'd;
 # 2. the runtime on ONNX Runtime's CUDA provider (bench/runtime_bench.py), where the installed
 #    onnxruntime has it;
-# 3. the default pipeline's stages on CUDA (bench/pipeline_device.py: no DVC, MLflow off).
+# 3. the data path on CUDA (bench/data_bench.py): a generated 224 px ImageFolder prepared, then one
+#    ViT-S/16 LayerShuffle epoch read from the prepared files (DataLoader workers, pinned memory,
+#    augmentation on the GPU), its images/s next to step 1's (batches already on the GPU); with
+#    two GPUs or more, the same epoch under torchrun with NCCL;
+# 4. the default pipeline's stages on CUDA (bench/pipeline_device.py: no DVC, MLflow off).
 # Each step has its own time limit (about 9 minutes in all), so one that hangs costs only its own
 # slot; every result lands in $OUT as it is written, with this script's log (device_check.log).
 # Uses python3 (the machine's own torch, timm, onnx, onnxruntime; the library from src/).
@@ -40,5 +44,15 @@ if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in
 else
     echo "== runtime on CUDA skipped: this onnxruntime has no CUDAExecutionProvider"
 fi
-step "${PIPELINE_LIMIT:-230}" $PY bench/pipeline_device.py --workers 4 \
-    --deadline "$(( ${PIPELINE_LIMIT:-230} - 15 ))" --out "$OUT/pipeline_cuda.json"
+DATA=/tmp/anyorder-data-bench
+step 90 $PY bench/data_bench.py --sizes 6000 --device cuda --arch vit_s --no-throughput \
+    --work "$DATA" --out "$OUT/data_cuda_vit_s.json"
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -ge 2 ]; then
+    step 90 $PY -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
+        bench/data_bench.py --epoch-only "$DATA/prepared6000" --device cuda --arch vit_s
+else
+    echo "== torchrun with NCCL skipped: $GPUS GPU (it needs two or more)"
+fi
+step "${PIPELINE_LIMIT:-170}" $PY bench/pipeline_device.py --workers 4 \
+    --deadline "$(( ${PIPELINE_LIMIT:-170} - 15 ))" --out "$OUT/pipeline_cuda.json"

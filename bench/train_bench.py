@@ -38,27 +38,24 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from anyorder.config import load_settings  # noqa: E402
+from anyorder.model.settings import ModelOverrides  # noqa: E402
 from anyorder.model.spec import model_spec  # noqa: E402
 from anyorder.model.vit import build_model  # noqa: E402
 from anyorder.training.loop import FUSED_ADAMW_DEVICES  # noqa: E402
 
-ARCHS = {  # name -> (model settings, image size); "default" is params.yaml's model
-    "vit_s": (dict(arch="vit_small_patch16_224", patch_size=16, embed_dim=384, depth=12,
-                   num_heads=6, mlp_ratio=4.0), 224),
-    "vit_b": (dict(arch="vit_base_patch16_224", patch_size=16, embed_dim=768, depth=12,
-                   num_heads=12, mlp_ratio=4.0), 224),
-}
+ARCHS = {"vit_s": "vit_small_patch16_224", "vit_b": "vit_base_patch16_224"}  # timm's models
 
 
 def make_model(arch: str, device: torch.device):
+    """params.yaml's model ("default") or a timm ViT as timm defines it (224 px)."""
     settings = load_settings(ROOT / "params.yaml")
     if arch == "default":
         config, size = settings.model, settings.data.image_size
     else:
-        fields, size = ARCHS[arch]
-        config = dataclasses.replace(settings.model, **fields)
+        config, size = dataclasses.replace(settings.model, arch=ARCHS[arch],
+                                           overrides=ModelOverrides(), pretrained="none"), None
     spec = model_spec(config, size, [str(i) for i in range(10)], "ls")
-    return build_model(spec, "none", seed=0).to(device), size
+    return build_model(spec, "none", seed=0).to(device), spec.img_size
 
 
 def matmul_rate(rows: int, inner: int, cols: int, dtype, device, calls: int = 50,

@@ -233,7 +233,7 @@ def begin(description: str, name: str, foreach: Optional[str] = None) -> Stage:
     settings.restrict_to(params + ["mlflow"], stage_name)
     if "compute" in params:  # the stages that compute declare it; the others never read it
         from anyorder.threads import apply_threads
-        apply_threads(settings.compute.threads)
+        apply_threads(settings.compute.threads, settings.compute.loader_workers)
     return Stage(stage_name, args, settings, raw, args.params)
 
 

@@ -53,7 +53,7 @@ def digits16(tmp_path_factory):
 # The real pipeline, shrunk: a full `dvc repro` in well under a minute on 2 CPU cores.
 TINY_PIPELINE = {
     "data": {"image_size": 16},
-    "model": {"patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2},
+    "model": {"overrides": {"patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2}},
     "pretrain": {"train": {"epochs": 1, "warmup_epochs": 0}},
     "finetune": {"train": {"epochs": 1}, "runs": {"seq": {"variant": "sequential", "seed": 0},
                                        "ls": {"variant": "ls", "seed": 0},

@@ -122,6 +122,15 @@ def section(name: str, **values):
     return lambda params: params[name].update(values)
 
 
+def timm_model(pretrained: str = "none", **overrides):
+    """model.arch timm's vit_tiny_patch16_224 (not the preset), the tiny overrides changed by
+    `overrides`."""
+    def edit(params):
+        params["model"].update(arch="vit_tiny_patch16_224", pretrained=pretrained)
+        params["model"]["overrides"].update(overrides)
+    return edit
+
+
 def training(name: str, **values):
     """An edit of a training section's own `train:` settings."""
     return lambda params: params[name]["train"].update(values)
@@ -132,16 +141,18 @@ def training(name: str, **values):
      "model.arch: timm has no model named 'vit_tiny_patch16_244'; did you mean "
      "vit_tiny_patch16_224"),
     (section("model", arch="resnet18"), "model.arch: 'resnet18' is not a timm VisionTransformer"),
-    (section("model", num_heads=None),  # timm's 3 heads do not divide the tiny width 16
-     "model.num_heads: model.num_heads=null (timm's 3 for vit_tiny_patch16_224) must divide "
-     "model.embed_dim=16"),
-    (section("model", pretrained="/elsewhere/vit.safetensors"),
+    (timm_model(num_heads=None),  # timm's 3 heads do not divide the tiny width 16
+     "model.overrides.embed_dim: model.overrides.num_heads=null (timm's for "
+     "vit_tiny_patch16_224: 3) must divide model.overrides.embed_dim=16"),
+    (timm_model(pretrained="/elsewhere/vit.safetensors"),
      "model.pretrained: '/elsewhere/vit.safetensors' is not inside models/weights/"),
-    (section("model", pretrained="models/weights/missing.safetensors"),
+    (timm_model(pretrained="models/weights/missing.safetensors"),
      "model.pretrained: no such weights file 'models/weights/missing.safetensors'"),
-    (section("model", pretrained="timm"),
+    (section("model", pretrained="timm"),  # the tiny pipeline's preset has no weights
+     "model.pretrained: cpu_tiny is a from-scratch preset of this project"),
+    (timm_model(pretrained="timm"),
      "model.pretrained: timm's weights for vit_tiny_patch16_224 cannot load with "
-     "model.embed_dim=16 (timm: 192)"),
+     "model.overrides.embed_dim=16 (timm: 192)"),
     (training("pretrain", device="gpu"),
      "pretrain.train.device: must be auto, cpu, cuda or cuda:N"),
     (training("pretrain", lr=float("inf")), "pretrain.train.lr: must be a finite number"),
@@ -198,10 +209,10 @@ def test_export_and_register_refuse_bad_input(project, name, args, edit, message
 
 
 def test_missing_data_is_refused_and_the_prepared_data_kept(project):
-    before = (project / "data/prepared/train.npz").read_bytes()
+    before = (project / "data/prepared/train_x.npy").read_bytes()
     proc = stage(project, "prepare", edit=section("data", path="data/missing.npz"))
     refused(proc, "data/missing.npz: no such file for source 'npz'")
-    assert (project / "data/prepared/train.npz").read_bytes() == before
+    assert (project / "data/prepared/train_x.npy").read_bytes() == before
 
 
 def test_a_run_id_that_would_break_mlflow_searches_is_refused(project):

@@ -70,18 +70,36 @@ def test_a_run_may_have_its_own_schedule_length_and_learning_rate():
     ({"colour": 1}, "colour", "unknown key"),
     ({"finetune": {"runs": {"x": {"variant": "ls", "sead": 1}}}}, "finetune.runs.x.sead",
      "unknown key"),
-    ({"model": {"depth": "eight"}}, "model.depth", "must be an integer"),
-    ({"model": {"depth": 2.5}}, "model.depth", "must be an integer"),
+    ({"model": {"overrides": {"depth": "eight"}}}, "model.overrides.depth", "must be an integer"),
+    ({"model": {"overrides": {"depth": 2.5}}}, "model.overrides.depth", "must be an integer"),
+    ({"model": {"depth": 8}}, "model.depth", "unknown key (known keys here: arch, drop_path_rate, "
+     "overrides, pretrained)"),
+    ({"model": {"overrides": {"img_sise": 64}}}, "model.overrides.img_sise", "unknown key"),
     ({"pretrain": {"train": {"lr": "fast"}}}, "pretrain.train.lr", "must be a number"),
     ({"pretrain": {"train": {"epochs": True}}}, "pretrain.train.epochs", "must be an integer"),
     ({"data": {"source": "mnist"}}, "data.source", "must be one of"),
     ({"finetune": {"runs": {"x": {"variant": "shuffle", "seed": 0}}}}, "finetune.runs.x.variant",
      "must be one of"),
-    ({"model": {"depth": 0}}, "model.depth", "must be >= 1"),
+    ({"model": {"overrides": {"depth": 0}}}, "model.overrides.depth", "must be >= 1"),
     ({"pretrain": {"train": {"lr": -0.1}}}, "pretrain.train.lr", "must be > 0"),
     ({"finetune": {"train": {"batch_size": 0}}}, "finetune.train.batch_size", "must be >= 1"),
-    ({"model": {"patch_size": 5}}, "model.patch_size", "must divide data.image_size=32"),
-    ({"model": {"num_heads": 3}}, "model.num_heads", "must divide model.embed_dim=64"),
+    ({"model": {"overrides": {"patch_size": 5}}}, "model.overrides.patch_size",
+     "model.overrides.patch_size=5 must divide the model's input size (model.overrides.img_size="
+     "null (preset cpu_tiny's 32)"),
+    ({"data": {"image_size": 36}}, "data.image_size", "must be divisible by the patch size "
+     "(model.overrides.patch_size=null (preset cpu_tiny's 8)), got 36"),
+    ({"data": {"image_size": 48}, "model": {"overrides": {"img_size": 64}}}, "data.image_size",
+     "48 differs from model.overrides.img_size=64"),
+    ({"model": {"overrides": {"num_heads": 3}}}, "model.overrides.num_heads",
+     "model.overrides.num_heads=3 must divide model.overrides.embed_dim=null (preset cpu_tiny's "
+     "64)"),
+    ({"model": {"overrides": {"mean": [0.5, 0.5]}}}, "model.overrides.mean",
+     "needs one value per channel"),
+    ({"model": {"overrides": {"std": [0.5, 0, 0.5]}}}, "model.overrides.std", "must be > 0"),
+    ({"model": {"overrides": {"img_size": 2}}}, "model.overrides.img_size", "must be >= 4"),
+    ({"model": {"pretrained": "timm"}}, "model.pretrained",
+     "cpu_tiny is a from-scratch preset of this project"),
+    ({"data": {"image_size": 2}}, "data.image_size", "must be >= 4 (or null"),
     ({"data": {"test_fraction": 1.5}}, "data.test_fraction", "must be in (0, 1)"),
     ({"data": {"path": " "}}, "data.path", "must name a file or directory"),
     ({"pretrain": {"train": {"lr": "inf"}}}, "pretrain.train.lr", "must be a finite number"),
@@ -183,8 +201,8 @@ def test_bad_settings_name_the_key(raw, key, fragment):
 
 def test_load_settings_names_the_file(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(shipped_params({"model": {"depth": -1}})))
-    with pytest.raises(ConfigError, match=r"params.yaml: model.depth: must be >= 1"):
+    path.write_text(yaml.safe_dump(shipped_params({"model": {"overrides": {"depth": -1}}})))
+    with pytest.raises(ConfigError, match=r"params.yaml: model.overrides.depth: must be >= 1"):
         load_settings(path)
     with pytest.raises(ConfigError, match="no such parameters file"):
         load_settings(tmp_path / "missing.yaml")
@@ -200,7 +218,8 @@ def test_yaml_infinity_and_nan_are_refused(tmp_path):
                                 "pretrain.train.lr", ".inf"),
                                ({"finetune": {"train": {"weight_decay": float("inf")}}},
                                 "finetune.train.weight_decay", ".inf"),
-                               ({"model": {"mlp_ratio": float("nan")}}, "model.mlp_ratio", ".nan")):
+                               ({"model": {"overrides": {"mlp_ratio": float("nan")}}},
+                                "model.overrides.mlp_ratio", ".nan")):
         text = yaml.safe_dump(shipped_params(edit))
         assert f"{key.split('.')[-1]}: {literal}" in text  # YAML's own spelling of inf / nan
         path.write_text(text)
@@ -209,11 +228,11 @@ def test_yaml_infinity_and_nan_are_refused(tmp_path):
 
 
 def test_overrides_are_validated_like_the_file():
-    settings = settings_from_dict(shipped_params(), {"model.depth": 3,
+    settings = settings_from_dict(shipped_params(), {"model.overrides.depth": 3,
                                                     "finetune.train.epochs": 2})
-    assert settings.model.depth == 3 and settings.finetune.train.epochs == 2
-    with pytest.raises(ConfigError, match="model.depth: must be >= 1"):
-        settings_from_dict(shipped_params(), {"model.depth": 0})
+    assert settings.model.overrides.depth == 3 and settings.finetune.train.epochs == 2
+    with pytest.raises(ConfigError, match="model.overrides.depth: must be >= 1"):
+        settings_from_dict(shipped_params(), {"model.overrides.depth": 0})
     with pytest.raises(ConfigError, match="model.nope: unknown key"):
         settings_from_dict(shipped_params(), {"model.nope": 1})
 

@@ -43,7 +43,7 @@ def test_embedded_default_is_scikit_learns_digits():
     assert np.array_equal(raw.labels, bunch.target)
     assert raw.class_names == [str(i) for i in range(10)]
     expected = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    assert all(np.array_equal(raw.images[..., c], expected) for c in range(3))
+    assert all(np.array_equal(np.asarray(raw.images)[..., c], expected) for c in range(3))
 
 
 @pytest.mark.parametrize("use_parent", [False, True])
@@ -55,13 +55,13 @@ def test_cifar10(cifar10_dir: Path, use_parent: bool):
     assert raw.labels.tolist() == [i % 10 for i in range(24)]
     assert raw.class_names == CIFAR10_NAMES
     # Channel-first rows decode to channels-last images.
-    assert (raw.images[0, :, :, 0] == 255).all()
-    assert (raw.images[0, :, :, 1:] == 0).all()
-    assert raw.images[1, 1, 5, 1] == 77 and raw.images[1].sum() == 77
+    assert (np.asarray(raw.images)[0, :, :, 0] == 255).all()
+    assert (np.asarray(raw.images)[0, :, :, 1:] == 0).all()
+    assert np.asarray(raw.images)[1, 1, 5, 1] == 77 and np.asarray(raw.images)[1].sum() == 77
     # test_batch comes last: its first row is the 21st image.
     with open(cifar10_dir / "test_batch", "rb") as f:
         test_rows = pickle.load(f, encoding="bytes")[b"data"]
-    assert np.array_equal(raw.images[20], test_rows[0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert np.array_equal(np.asarray(raw.images)[20], test_rows[0].reshape(3, 32, 32).transpose(1, 2, 0))
 
 
 @pytest.mark.parametrize("use_parent", [False, True])
@@ -71,7 +71,7 @@ def test_cifar100(cifar100_dir: Path, use_parent: bool):
     assert raw.images.shape == (110, 32, 32, 3)
     assert raw.labels.tolist() == list(range(100)) + list(range(10))
     assert raw.class_names == [f"fine{i}" for i in range(100)]
-    assert (raw.images[3, :, :, 2] == 255).all() and (raw.images[3, :, :, :2] == 0).all()
+    assert (np.asarray(raw.images)[3, :, :, 2] == 255).all() and (np.asarray(raw.images)[3, :, :, :2] == 0).all()
 
 
 def test_cifar_missing_file_lists_expected(cifar10_dir: Path):
@@ -95,11 +95,11 @@ def test_imagefolder(image_folder: Path):
     assert raw.labels.tolist() == [0, 0, 1, 1]
     # Every image is resized to the target size as it is read, whatever its own size.
     assert raw.images.shape == (4, 12, 12, 3) and raw.images.dtype == np.uint8
-    assert (raw.images[0] == 200).all()          # grayscale replicated to 3 channels
-    assert (raw.images[1] == 50).all()
+    assert (np.asarray(raw.images)[0] == 200).all()          # grayscale replicated to 3 channels
+    assert (np.asarray(raw.images)[1] == 50).all()
     # Files are read in sorted path order, where upper case comes first.
-    assert (raw.images[2] == 90).all()           # dog/D.PNG: upper-case extension
-    jpeg = raw.images[3].astype(int)             # dog/c.jpg: red, up to JPEG error
+    assert (np.asarray(raw.images)[2] == 90).all()           # dog/D.PNG: upper-case extension
+    jpeg = np.asarray(raw.images)[3].astype(int)             # dog/c.jpg: red, up to JPEG error
     assert (jpeg[..., 0] > 230).all() and (jpeg[..., 1:] < 25).all()
 
 
@@ -120,8 +120,7 @@ def test_cifar_keeps_its_official_test_set(cifar10_dir: Path, tmp_path: Path):
     assert test_y.tolist() == official[b"labels"]
     assert meta["split"] == "official" and meta["official_splits"] == ["test", "train"]
     assert meta["counts"] == {"train": 64, "val": 16, "test": 4}  # val: 6 x 2 + 4 x 1
-    with np.load(tmp_path / "p" / "val.npz") as archive:
-        assert archive["index"].max() < 80                       # val from the train batches
+    assert np.load(tmp_path / "p" / "val_index.npy").max() < 80  # val from the train batches
     pooled = data.prepare_dataset("cifar10", str(cifar10_dir), 32, 0.25, 0.2, 0, tmp_path / "q",
                                   split="pooled")
     assert pooled["split"] == "pooled" and pooled["counts"]["test"] != 4
@@ -139,8 +138,8 @@ def test_an_imagefolder_with_train_and_test_folders_keeps_them(tmp_path: Path):
     meta = data.prepare_dataset("imagefolder", str(root), 8, 0.34, 0.2, 0, tmp_path / "p")
     test_x, test_y = load_split(tmp_path / "p", "test")
     assert meta["class_names"] == ["ant", "bee"] and meta["counts"]["test"] == 4
-    assert (test_x >= 100).all() and sorted(test_y.tolist()) == [0, 0, 1, 1]
-    assert (load_split(tmp_path / "p", "train")[0] < 100).all()
+    assert (np.asarray(test_x) >= 100).all() and sorted(test_y.tolist()) == [0, 0, 1, 1]
+    assert (np.asarray(load_split(tmp_path / "p", "train")[0]) < 100).all()
     (root / "test" / "bee").rename(root / "test" / "wasp")
     with pytest.raises(DataError, match="not in train/: wasp; missing: bee"):
         load_source("imagefolder", str(root), 8)
@@ -152,7 +151,7 @@ def test_npz_gray_with_class_names(tmp_path: Path):
                       class_names=np.array(["ant", "bee", "cow"]))
     raw = load_source("npz", file, 6)
     assert raw.images.shape == (4, 6, 6, 3)
-    assert all(np.array_equal(raw.images[..., c], x) for c in range(3))
+    assert all(np.array_equal(np.asarray(raw.images)[..., c], x) for c in range(3))
     assert raw.labels.dtype == np.int64 and raw.labels.tolist() == [0, 1, 2, 1]
     assert raw.class_names == ["ant", "bee", "cow"]
 
@@ -168,7 +167,7 @@ def test_npz_rgb_without_class_names(tmp_path: Path):
 def test_npz_single_channel(tmp_path: Path):
     x = np.full((2, 3, 3, 1), 7, np.uint8)
     raw = load_source("npz", _write_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1])), 5)
-    assert raw.images.shape == (2, 5, 5, 3) and (raw.images == 7).all()  # resized to 5x5
+    assert raw.images.shape == (2, 5, 5, 3) and (np.asarray(raw.images) == 7).all()  # resized to 5x5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +239,8 @@ def test_too_few_images_in_prepare(tmp_path: Path):
 def test_prepare_digits(tmp_path: Path):
     out = tmp_path / "prepared"
     meta = data.prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 7, out)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.npz", "train.npz",
-                                                     "val.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + sorted(
+        f"{split}_{part}.npy" for split in ("test", "train", "val") for part in ("index", "x", "y"))
     assert load_meta(out) == meta
     assert json.loads((out / "meta.json").read_text()) == meta
     assert meta["source"] == "npz" and meta["path"] == str(EMBEDDED)
@@ -251,15 +250,14 @@ def test_prepare_digits(tmp_path: Path):
     assert meta["test_fraction"] == 0.2
     assert sum(meta["counts"].values()) == 1797
     raw = load_source("npz", str(EMBEDDED), 8)
-    resized = resize_images(raw.images, 16)
+    resized = resize_images(np.asarray(raw.images), 16)
     seen = []
     for split in ("train", "val", "test"):
         x, y = load_split(out, split)
         assert x.shape == (meta["counts"][split], 16, 16, 3) and x.dtype == np.uint8
         assert y.dtype == np.int64
         assert np.bincount(y, minlength=10).tolist() == meta["class_counts"][split]
-        with np.load(out / f"{split}.npz") as archive:
-            index = archive["index"]
+        index = np.load(out / f"{split}_index.npy")
         assert index.dtype == np.int64
         assert np.array_equal(x, resized[index]) and np.array_equal(y, raw.labels[index])
         seen.append(index)
@@ -268,7 +266,7 @@ def test_prepare_digits(tmp_path: Path):
 
 
 def test_prepare_writes_the_same_bytes_for_the_same_input(tmp_path: Path, monkeypatch):
-    """DVC hashes the prepared files: a rerun must not change them (no time inside the .npz)."""
+    """DVC hashes the prepared files: a rerun must not change them (no time inside the files)."""
     import time
     first = data.prepare_dataset("npz", str(EMBEDDED), 8, 0.15, 0.2, 0, tmp_path / "a")
     later = time.time() + 3 * 86400  # a rerun three days later (zip stamps members with the time)
@@ -352,6 +350,6 @@ def test_prepare_refuses_foreign_directory(tmp_path: Path):
 def test_load_split_missing_says_run_prepare(tmp_path: Path):
     with pytest.raises(DataError, match="prepare") as info:
         load_split(tmp_path / "nothing", "train")
-    assert "train.npz" in str(info.value)
+    assert "train_x.npy" in str(info.value)
     with pytest.raises(DataError, match="meta.json"):
         load_meta(tmp_path / "nothing")

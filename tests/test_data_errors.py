@@ -62,10 +62,16 @@ def test_imagefolder_not_a_directory(tmp_path: Path):
         load_source("imagefolder", str(file), 8)
 
 
-def test_imagefolder_unreadable_image(image_folder: Path):
+def test_imagefolder_unreadable_image(image_folder: Path, tmp_path: Path):
+    """Images are decoded as prepare writes them: a broken one stops it, naming the file, and
+    nothing is written."""
+    for name in ("cat", "dog"):  # enough images per class for train, val and test
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(image_folder / name / f"x{i}.png")
     (image_folder / "dog" / "broken.png").write_bytes(b"\x89PNG this is not really a png")
     with pytest.raises(DataError, match="broken.png"):
-        load_source("imagefolder", str(image_folder), 8)
+        data.prepare_dataset("imagefolder", str(image_folder), 8, 0.2, 0.2, 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_imagefolder_unreadable_subfolder_is_named_and_nothing_written(image_folder: Path,
@@ -110,10 +116,11 @@ def test_imagefolder_memory_follows_the_output_not_the_photos(tmp_path: Path, mo
     tracemalloc.start()
     try:
         raw = load_source("imagefolder", str(tmp_path / "big"), 16)
+        images = np.asarray(raw.images)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert raw.images.shape == (12, 16, 16, 3)
+    assert images.shape == (12, 16, 16, 3)
     assert peak < 3_000_000, f"peak {peak / 1e6:.1f} MB: a full-size photo was held as an array"
     # JPEG decoding at 1/8 scale: Pillow itself never held a full 1200 x 900 picture either.
     assert decoded == [(150, 113)] * 12

@@ -68,9 +68,10 @@ def prepared(tmp_path_factory):
     from conftest import EMBEDDED
     out = tmp_path_factory.mktemp("dist") / "prepared"
     prepare_dataset("npz", str(EMBEDDED), 16, 0.15, 0.2, 0, out)
+    from anyorder.data.prepared import split_files
     for split, keep in (("train", 48), ("val", 24)):
-        data = dict(np.load(out / f"{split}.npz"))
-        np.savez(out / f"{split}.npz", **{k: v[:keep] for k, v in data.items()})
+        for file in split_files(out, split).values():
+            np.save(file, np.load(file)[:keep])
     return out
 
 

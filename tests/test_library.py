@@ -31,7 +31,7 @@ ISOLATED = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from anyorder.model.checkpoint import load_model
-    from anyorder.model.settings import ModelConfig
+    from anyorder.model.settings import ModelConfig, ModelOverrides
     from anyorder.training.settings import TrainConfig
     from anyorder.data.prepare import prepare_dataset
     from anyorder.data.prepared import load_meta, load_split
@@ -42,7 +42,8 @@ ISOLATED = textwrap.dedent("""
     work = tempfile.mkdtemp()
     prepare_dataset("npz", __DATA__, 16, 0.15, 0.2, 0, work + "/prepared")
     meta = load_meta(work + "/prepared")
-    spec = model_spec(ModelConfig(patch_size=4, embed_dim=16, depth=2, num_heads=2),
+    spec = model_spec(ModelConfig(overrides=ModelOverrides(patch_size=4, embed_dim=16, depth=2,
+                                                           num_heads=2)),
                       16, meta["class_names"], "ls")
     model = build_model(spec, seed=0)
     train_and_save(model, work + "/prepared", TrainConfig(epochs=1, device="cpu"), 0,

@@ -234,7 +234,8 @@ def test_image_noise_in_the_patch_embedding_nullspace_changes_no_logit():
     from anyorder.config import load_settings
     from conftest import ROOT
     m = load_settings(ROOT / "params.yaml").model
-    assert 3 * m.patch_size ** 2 > m.embed_dim, "the default model must have a nullspace"
+    assert 3 * m.known("patch_size") ** 2 > m.known("embed_dim"), \
+        "the default model must have a nullspace"
     model = tiny_model("ls").eval()  # patch 4, width 32: 48 inputs, nullspace of dimension 16
     weight = model.vit.patch_embed.proj.weight.detach().reshape(32, -1).double()
     _, singular, vh = torch.linalg.svd(weight)
@@ -267,22 +268,105 @@ def test_initialisation_is_seeded_and_leaves_global_state_alone():
 NAMES = [str(i) for i in range(10)]
 
 
-def test_null_overrides_take_timms_values_and_are_still_checked():
+# The default model's spec before model.arch took presets (params.yaml: vit_tiny_patch16_224 with
+# patch_size 8, embed_dim 64, depth 8, num_heads 4, mlp_ratio 2.0; data.image_size 32): the
+# cpu_tiny preset must give it byte for byte, so that model.json and checkpoints do not change.
+CPU_TINY_SPEC = {
+    "arch": "vit_tiny_patch16_224", "num_classes": 10, "img_size": 32, "variant": "sequential",
+    "patch_size": 8, "embed_dim": 64, "depth": 8, "num_heads": 4, "mlp_ratio": 2.0,
+    "drop_path_rate": 0.0, "position_embedding_dim": 32, "slot_tables": "shared",
+    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "class_names": NAMES}
+
+
+def test_the_cpu_tiny_preset_is_the_default_and_resolves_to_the_same_spec_as_before():
+    from anyorder.config import load_settings
+    from anyorder.model.spec import model_spec, resolve_image_size
+    from conftest import ROOT
+    settings = load_settings(ROOT / "params.yaml")
+    m = settings.model
+    assert (m.arch, settings.data.image_size) == ("cpu_tiny", None)
+    size = resolve_image_size(m, settings.data.image_size)
+    assert size == 32
+    assert model_spec(m, size, NAMES).to_dict() == CPU_TINY_SPEC
+    assert model_spec(m, None, NAMES).to_dict() == CPU_TINY_SPEC  # None: the same rule
+
+
+def test_a_timm_name_means_timms_model_its_input_size_and_normalisation():
+    import timm
     from anyorder.model.settings import ModelConfig
+    from anyorder.model.spec import model_spec, resolve_image_size
+    m = ModelConfig(arch="vit_small_patch16_224")
+    assert resolve_image_size(m, None) == 224
+    spec = model_spec(m, None, NAMES)
+    cfg = timm.models.get_pretrained_cfg("vit_small_patch16_224")
+    assert (spec.arch, spec.img_size, spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads,
+            spec.mlp_ratio) == ("vit_small_patch16_224", 224, 16, 384, 12, 6, 4.0)
+    assert (spec.mean, spec.std) == (tuple(cfg.mean), tuple(cfg.std)) == (
+        (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    deit = model_spec(ModelConfig(arch="deit_tiny_patch16_224"), None, NAMES)
+    assert deit.mean == pytest.approx((0.485, 0.456, 0.406))  # timm's ImageNet values there
+    assert deit.std == pytest.approx((0.229, 0.224, 0.225))
+    assert model_spec(ModelConfig(arch="vit_base_patch16_384"), None, NAMES).img_size == 384
+
+
+def test_overrides_apply_on_top_of_a_preset_or_a_timm_model():
+    from anyorder.model.settings import ModelConfig, ModelOverrides
+    from anyorder.model.spec import model_spec, resolve_image_size
+    shallow = model_spec(ModelConfig(overrides=ModelOverrides(depth=4)), None, NAMES)
+    assert (shallow.depth, shallow.embed_dim, shallow.patch_size, shallow.img_size) == (4, 64, 8, 32)
+    m = ModelConfig(arch="vit_small_patch16_224", overrides=ModelOverrides(
+        img_size=64, mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6], patch_size=8))
+    assert resolve_image_size(m, None) == 64
+    spec = model_spec(m, None, NAMES)
+    assert (spec.img_size, spec.patch_size, spec.embed_dim) == (64, 8, 384)
+    assert (spec.mean, spec.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert model_spec(m, None, NAMES).to_dict()["mean"] == [0.1, 0.2, 0.3]
+
+
+def test_data_image_size_null_follows_the_model_and_a_set_one_is_checked():
+    from anyorder.model.settings import ModelConfig, ModelOverrides
+    from anyorder.model.spec import resolve_image_size
+    from anyorder.settings import ConfigError
+    assert resolve_image_size(ModelConfig(), None) == 32                   # the preset's
+    assert resolve_image_size(ModelConfig(), 48) == 48                     # data.image_size wins
+    assert resolve_image_size(ModelConfig(overrides=ModelOverrides(img_size=16)), None) == 16
+    assert resolve_image_size(ModelConfig(arch="vit_small_patch16_224"), None) == 224
+    assert resolve_image_size(ModelConfig(arch="vit_small_patch16_224"), 96) == 96
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.image_size: must be divisible by the patch size (model.overrides.patch_size="
+            "null (preset cpu_tiny's 8)), got 20")):
+        resolve_image_size(ModelConfig(), 20)
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.image_size: must be divisible by the patch size (model.overrides.patch_size="
+            "null (timm's for vit_small_patch16_224: 16)), got 100")):
+        resolve_image_size(ModelConfig(arch="vit_small_patch16_224"), 100)
+    with pytest.raises(ConfigError, match=re.escape(
+            "model.overrides.img_size: model.overrides.patch_size=null (timm's for "
+            "vit_small_patch16_224: 16) must divide the model's input size "
+            "(model.overrides.img_size=40")):
+        resolve_image_size(ModelConfig(arch="vit_small_patch16_224",
+                                       overrides=ModelOverrides(img_size=40)), None)
+    with pytest.raises(ConfigError, match=re.escape(
+            "data.image_size: 32 differs from model.overrides.img_size=16; set one of them")):
+        resolve_image_size(ModelConfig(overrides=ModelOverrides(img_size=16)), 32)
+
+
+def test_null_overrides_take_timms_values_and_are_still_checked():
+    from anyorder.model.settings import ModelConfig, ModelOverrides
     from anyorder.model.spec import model_spec
-    timm_values = ModelConfig(patch_size=None, embed_dim=None, depth=None, num_heads=None,
-                              mlp_ratio=None)
+    timm_values = ModelConfig(arch="vit_tiny_patch16_224")
     spec = model_spec(timm_values, 32, NAMES)
     assert (spec.patch_size, spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio) == (
         16, 192, 12, 3, 4.0)  # vit_tiny_patch16_224 as timm defines it
     with pytest.raises(ModelSettingsError, match=re.escape(
-            "model.patch_size: model.patch_size=null (timm's 16 for vit_tiny_patch16_224) must "
-            "divide data.image_size=28")):
+            "model.overrides.patch_size: model.overrides.patch_size=null (timm's for "
+            "vit_tiny_patch16_224: 16) must divide the image size 28")):
         model_spec(timm_values, 28, NAMES)
     with pytest.raises(ModelSettingsError, match=re.escape(
-            "model.num_heads: model.num_heads=null (timm's 3 for vit_tiny_patch16_224) must "
-            "divide model.embed_dim=64")):
-        model_spec(dataclasses.replace(timm_values, embed_dim=64), 32, NAMES)
+            "model.overrides.embed_dim: model.overrides.num_heads=null (timm's for "
+            "vit_tiny_patch16_224: 3) must divide model.overrides.embed_dim=64")):
+        model_spec(dataclasses.replace(timm_values, overrides=ModelOverrides(embed_dim=64)), 32,
+                   NAMES)
 
 
 def test_a_typo_in_the_architecture_suggests_the_real_name():
@@ -290,13 +374,36 @@ def test_a_typo_in_the_architecture_suggests_the_real_name():
     from anyorder.model.spec import model_spec
     with pytest.raises(ModelSettingsError, match="did you mean vit_tiny_patch16_224"):
         model_spec(ModelConfig(arch="vit_tiny_patch16_244"), 32, NAMES)
+    with pytest.raises(ModelSettingsError) as info:
+        model_spec(ModelConfig(arch="cpu_tiyn"), None, NAMES)
+    message = str(info.value)
+    assert message.startswith("model.arch: timm has no model named 'cpu_tiyn'; did you mean "
+                              "cpu_tiny")
+    assert "a preset of this project, cpu_tiny, or any timm VisionTransformer name" in message
+
+
+@pytest.mark.parametrize("pretrained", ["timm", "models/weights/vit.safetensors"])
+def test_pretrained_weights_with_the_from_scratch_preset_are_refused(pretrained):
+    from anyorder.config import settings_from_dict
+    from anyorder.model.settings import ModelConfig
+    from conftest import shipped_params
+    expected = (f"model.pretrained: cpu_tiny is a from-scratch preset of this project (timm's "
+                f"vit_tiny_patch16_224 with patch_size 8, embed_dim 64, depth 8, num_heads 4, "
+                f"mlp_ratio 2.0, 32x32 images): no pre-trained weights have its shapes. To start "
+                f"from {pretrained!r}, set model.arch to the timm model the weights are for")
+    with pytest.raises(ModelSettingsError, match=re.escape(expected)):
+        settings_from_dict(shipped_params({"model": {"pretrained": pretrained}}))
+    with pytest.raises(ModelSettingsError, match=re.escape(expected)):
+        ModelConfig(pretrained=pretrained).check("model", None)
+    # A timm name takes them (the weights themselves are checked when the model is built).
+    ModelConfig(arch="vit_small_patch16_224", pretrained=pretrained).check("model", None)
 
 
 def test_timm_weights_refuse_overrides_that_change_their_shapes():
     with pytest.raises(ModelSettingsError) as info:
         build_model(tiny_spec(), pretrained="timm")
-    assert "model.embed_dim=32 (timm: 192)" in str(info.value)
-    assert "model.depth=4 (timm: 12)" in str(info.value)
+    assert "model.overrides.embed_dim=32 (timm: 192)" in str(info.value)
+    assert "model.overrides.depth=4 (timm: 12)" in str(info.value)
 
 
 @pytest.mark.parametrize("offline", [True, False])

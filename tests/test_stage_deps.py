@@ -158,6 +158,8 @@ def test_user_inputs_are_dependencies():
 def test_training_stages_declare_only_params_that_change_what_they_compute():
     bodies = stage_bodies()
     assert bodies["pretrain"]["params"] == ["compute", "model", "train", "pretrain"]
+    # data.image_size null: the images are prepared at the model's input size
+    assert bodies["prepare"]["params"] == ["data", "model.arch", "model.overrides"]
     assert bodies["finetune"]["params"][:3] == ["compute", "train", "finetune.train"]
     finetune = bodies["finetune"]["params"]
     assert "finetune.runs.${key}" in finetune and "finetune.runs" not in finetune
@@ -196,6 +198,25 @@ def test_stage_that_reads_an_undeclared_param_is_stopped(tmp_path):
         settings.finetune.train.lr
     with pytest.raises(UndeclaredParamError, match=r"reads the setting finetune.runs\b"):
         list(settings.finetune.runs)
-    with pytest.raises(UndeclaredParamError, match="model.depth"):
-        settings.model.depth
+    with pytest.raises(UndeclaredParamError, match="model.arch"):
+        settings.model.arch
+    with pytest.raises(UndeclaredParamError, match="model.overrides.depth"):
+        settings.model.overrides.depth
     assert settings.keys_read() >= {"evaluate.num_orders", "finetune.runs.ls_s0.variant"}
+
+
+@pytest.mark.parametrize("arch,size", [("cpu_tiny", 32), ("vit_small_patch16_224", 224)])
+def test_prepare_resolves_the_image_size_from_the_params_it_declares(arch, size):
+    """data.image_size null: prepare asks the model, reading only model.arch and
+    model.overrides (what its stage declares besides data)."""
+    from anyorder.config import settings_from_dict
+    from anyorder.model.spec import resolve_image_size
+    from conftest import shipped_params
+
+    declared = stage_bodies()["prepare"]["params"]
+    settings = settings_from_dict(shipped_params({"model": {"arch": arch}})).restrict_to(
+        declared, "prepare")
+    assert settings.data.image_size is None
+    assert resolve_image_size(settings.model, settings.data.image_size) == size
+    assert {key.rsplit(".", 1)[0] for key in settings.keys_read()} <= {"data", "model",
+                                                                       "model.overrides"}

@@ -42,7 +42,7 @@ from anyorder.data.prepared import load_split
 from anyorder.evaluation.accuracy import evaluate_orders, select_best
 from anyorder.files import atomic_write_bytes, atomic_write_json, npz_bytes
 from anyorder.evaluation.intervals import difference, pack_tree, unpack_tree
-from anyorder.model.spec import model_spec, variant_spec
+from anyorder.model.spec import model_spec, resolve_image_size, variant_spec
 from anyorder.model.vit import build_model
 from anyorder.report import interval_text
 from anyorder.training.loop import train_and_save
@@ -153,8 +153,8 @@ def prepare_data(work: Path, level: str, settings) -> Path:
         atomic_write_bytes(data, npz_bytes({"x": images, "y": labels,
                                             "class_names": np.array([str(c) for c in range(10)])}))
         d = settings.data
-        prepare_dataset("npz", str(data), d.image_size, d.val_fraction, d.test_fraction,
-                        d.split_seed, prepared)
+        prepare_dataset("npz", str(data), resolve_image_size(settings.model, d.image_size),
+                        d.val_fraction, d.test_fraction, d.split_seed, prepared)
     return prepared
 
 
@@ -200,7 +200,8 @@ def train_models(cache: StudyModels, settings, args: argparse.Namespace) -> tupl
     """The pre-trained model(s), then the baseline, the --also runs and the candidates
     fine-tuned from them; returns (runs, their start models, the fine-tuned models)."""
     pre = settings.pretrain
-    spec = model_spec(settings.model, settings.data.image_size, [str(c) for c in range(10)])
+    spec = model_spec(settings.model, resolve_image_size(settings.model, settings.data.image_size),
+                      [str(c) for c in range(10)])
     cache.trained("pretrain", lambda: build_model(spec, settings.model.pretrained, seed=pre.seed),
                   pre.train, pre.seed)
     if any(CANDIDATES[name].get("start") == "pretrain_ls" for name in args.candidates):

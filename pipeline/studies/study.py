@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
 def load_splits(starts: list[str]) -> tuple:
     """(test, train, val) of data/prepared; exits naming what is missing if `make run` has not
     written the prepared data, the corrupted sets or a start model."""
-    missing = [p for p in [PREPARED / "test.npz", CORRUPTED / "manifest.json"] +
+    missing = [p for p in [PREPARED / "test_x.npy", CORRUPTED / "manifest.json"] +
                [Path(s) / "model.json" for s in starts] if not p.is_file()]
     if missing:
         sys.exit(f"error: {', '.join(map(str, missing))} missing: run `make run` first")

@@ -37,9 +37,15 @@ class ComputeConfig(Section):
     # Two stages side by side on 2 cores (dvc exp queue --jobs 2, Prefect) thrash unless each
     # gets threads: 1.
     threads: int
+    # Training's data loader processes (null: none on CPU; on a GPU the process's cores less one,
+    # at most 8). They read and collate batches; results do not depend on how many there are.
+    loader_workers: Optional[int] = None
 
     def check(self, key: str) -> None:
         require(self.threads >= 0, f"{key}.threads", "must be >= 0 (0: all cores)", self.threads)
+        if self.loader_workers is not None:
+            require(self.loader_workers >= 0, f"{key}.loader_workers", "must be >= 0 or null",
+                    self.loader_workers)
 
 
 # The sections that train. Each holds `train:`, what it sets differently from the top-level

@@ -28,13 +28,16 @@ def cores_per_process(processes: int) -> int:
 
 
 _applied = 0  # the count apply_threads set (0: never called)
+_loader_workers = None  # what apply_threads was given for data loading (None: automatic)
 
 
-def apply_threads(threads: int = 0) -> int:
+def apply_threads(threads: int = 0, loader_workers: int | None = None) -> int:
     """Use `threads_for(threads)` threads in torch (when imported) and in every ONNX Runtime
-    session created from now on by this package (`session_threads`); return the number."""
-    global _applied
+    session created from now on by this package (`session_threads`); return the number.
+    `loader_workers`: the data loader processes a training run starts (`loader_workers`)."""
+    global _applied, _loader_workers
     _applied = threads_for(threads)
+    _loader_workers = loader_workers
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(_applied)
@@ -45,3 +48,16 @@ def session_threads() -> int:
     """Intra-op threads for a new ONNX Runtime session: what apply_threads set, else
     min(4, cores) (more rarely helps one small graph)."""
     return _applied or min(4, os.cpu_count() or 1)
+
+
+def loader_workers(device_type: str) -> int:
+    """Processes that read and collate training batches beside the one that computes: what
+    apply_threads was given, else none on CPU (the computing process has every core and reading
+    a batch of prepared images is a few positioned reads) and, on a GPU, this process's share
+    of the cores less the one that drives the GPU, at most 8."""
+    if _loader_workers is not None:
+        return _loader_workers
+    if device_type == "cpu":
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, min(8, cores_per_process(processes) - 1))

@@ -12,8 +12,11 @@ from anyorder.model.spec import ModelSpec
 
 def to_model_input(images: np.ndarray | torch.Tensor, spec: ModelSpec,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 images (N,H,W,3) -> float32 (N,3,H,W), scaled to [0,1] and normalised as `spec` says."""
-    batch = torch.as_tensor(images).to(device)
+    """uint8 images (N,H,W,3) -> float32 (N,3,H,W), scaled to [0,1] and normalised as `spec` says.
+    The copy to the device is asynchronous from pinned memory (a DataLoader's batches on a GPU)."""
+    if not isinstance(images, torch.Tensor):
+        images = np.asarray(images)  # an array, or prepared images read from disk (ImageRows)
+    batch = torch.as_tensor(images).to(device, non_blocking=True)
     batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
     mean, std = _normalisation(tuple(spec.mean), tuple(spec.std), batch.device)
     return (batch - mean) / std
@@ -28,21 +31,20 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple:
 
 
 def random_shift(batch: torch.Tensor, pixels: int, generator: torch.Generator,
-                 fill: Optional[float] = None) -> torch.Tensor:
-    """Shift every image (N,C,H,W) by its own random offset in [-pixels, pixels] (pad and crop)."""
+                 total: Optional[int] = None, part: slice = slice(None)) -> torch.Tensor:
+    """Shift every image (N,C,H,W) by its own random offset in [-pixels, pixels] (pad with the
+    image's own minimum, crop). Offsets are drawn for `total` images (default N) and `part` of
+    them used: a process holding one shard of a global batch shifts it as one process would."""
     if pixels <= 0:
         return batch
     n, c, h, w = batch.shape
-    if fill is None:  # the batch's minimum, kept on the device (no step waits to read it)
-        padded = torch.nn.functional.pad(batch, (pixels,) * 4)
-        inside = torch.zeros(padded.shape[-2:], dtype=torch.bool, device=batch.device)
-        inside[pixels:pixels + h, pixels:pixels + w] = True
-        padded = torch.where(inside, padded, batch.amin())
-    else:
-        padded = torch.nn.functional.pad(batch, (pixels,) * 4, value=fill)
-    offsets = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).to(batch.device)
-    rows = offsets[0][:, None] + torch.arange(h, device=batch.device)[None]
-    cols = offsets[1][:, None] + torch.arange(w, device=batch.device)[None]
-    index_n = torch.arange(n, device=batch.device)[:, None, None, None]
-    index_c = torch.arange(c, device=batch.device)[None, :, None, None]
-    return padded[index_n, index_c, rows[:, None, :, None], cols[:, None, None, :]]
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n if total is None else total),
+                            generator=generator)[:, part] - pixels
+    # Each image's minimum fills what its shift uncovers (computed on the device: no step waits
+    # to read it), so the fill does not depend on which other images share the batch. One fill
+    # and one window copy per image: this is memory-bound, and fewer passes are faster.
+    out = batch.amin(dim=(1, 2, 3), keepdim=True).expand(n, c, h, w).clone()
+    for i, (dy, dx) in enumerate(offsets.t().tolist()):
+        out[i, :, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+            batch[i, :, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+    return out

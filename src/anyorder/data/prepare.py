@@ -2,22 +2,29 @@
 
 `prepare_dataset` loads a source (`anyorder.data.sources`) at the target size, checks it, splits
 it (`anyorder.data.splits`: a source's own test set kept, CIFAR's and an ImageFolder's train/ +
-test/; otherwise a seeded stratified train/val/test split) and writes `{train,val,test}.npz` plus
-`meta.json` into `out_dir`, atomically and byte-for-byte the same for the same input
-(`anyorder.data.prepared` reads them). Every problem with the input raises `DataError` naming the
+test/; otherwise a seeded stratified train/val/test split) and writes each split as plain .npy
+files plus `meta.json` into `out_dir`, atomically and byte-for-byte the same for the same input
+(`anyorder.data.prepared` reads them a batch at a time). Images are decoded, resized and written
+a chunk at a time, so memory does not grow with the data set. Every problem with the input raises `DataError` naming the
 file or class at fault and saying how to fix it.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from anyorder.data.images import DataError
-from anyorder.data.sources import RawDataset, load_source
+from anyorder.data.prepared import split_files
+from anyorder.data.sources import Images, RawDataset, load_source
 from anyorder.data.splits import SPLIT_MODES, check_fractions, official_split, stratified_split
-from anyorder.files import atomic_directory, atomic_write_json, npz_bytes
+from anyorder.files import atomic_directory, atomic_write_json
+
+# Images decoded and written per chunk: memory holds this many, whatever the data set's size.
+CHUNK = 256
 
 
 def validate_dataset(raw: RawDataset, where: str) -> None:
@@ -69,10 +76,12 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
     others stratified; "pooled" pools everything and splits it stratified (numbers then not
     comparable with anyone using the official test set).
 
-    Writes out_dir/{train,val,test}.npz (x uint8 (N,S,S,3), y int64, index int64 into the
-    source's image order) and out_dir/meta.json, the same bytes for the same input. All files go
-    to a temporary sibling directory first, which then replaces out_dir, so a failure at any point
-    leaves out_dir as it was.
+    Writes, per split, `{split}_x.npy` (uint8 (N,S,S,3)), `{split}_y.npy` (int64 labels) and
+    `{split}_index.npy` (int64, each image's place in the source's order), and out_dir/meta.json,
+    the same bytes for the same input. Images are read (decoded and resized by up to `threads`
+    threads: PIL releases the GIL) and written `CHUNK` at a time. All files go to a temporary
+    sibling directory first, which then replaces out_dir, so a failure at any point leaves out_dir
+    as it was.
     """
     out_dir = Path(out_dir)
     if image_size < 1:
@@ -106,9 +115,33 @@ def prepare_dataset(source: str, path: Optional[str], image_size: int, val_fract
         "class_counts": {name: np.bincount(raw.labels[index], minlength=num_classes).tolist()
                          for name, index in splits.items()},
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir) as tmp, ThreadPoolExecutor(_threads()) as pool:
         for name, index in splits.items():
-            (tmp / f"{name}.npz").write_bytes(
-                npz_bytes({"x": images[index], "y": raw.labels[index], "index": index}))
+            files = split_files(tmp, name)
+            _write_images(files["x"], images, index, pool)
+            np.save(files["y"], raw.labels[index], allow_pickle=False)
+            np.save(files["index"], index, allow_pickle=False)
         atomic_write_json(tmp / "meta.json", meta)
     return meta
+
+
+def _threads() -> int:
+    """Decoding threads: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _write_images(file: Path, images: Images, index: np.ndarray, pool: ThreadPoolExecutor) -> None:
+    """images[index] -> a .npy file of uint8 (len(index), S, S, 3), read and written a chunk at a
+    time (the header first, then the rows in order: the bytes np.save would write)."""
+    shape = (len(index),) + tuple(images.shape[1:])
+    with open(file, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                "fortran_order": False, "shape": shape})
+        for start in range(0, len(index), CHUNK):
+            for image in pool.map(images.__getitem__, index[start:start + CHUNK].tolist()):
+                f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())

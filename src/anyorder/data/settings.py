@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from anyorder.settings import Section, require
 
@@ -12,7 +12,9 @@ class DataConfig(Section):
     source: Literal["cifar10", "cifar100", "imagefolder", "npz"] = "npz"
     # A file or directory; DVC tracks it as a dependency of `prepare` (dvc.yaml: ${data.path}).
     path: str = "data/embedded/digits.npz"
-    image_size: int = 32
+    # Images are resized to image_size x image_size; null: the model's input size (its preset's,
+    # timm's for a timm name, or model.overrides.img_size): anyorder.model.spec.resolve_image_size.
+    image_size: Optional[int] = None
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -21,7 +23,9 @@ class DataConfig(Section):
     split: Literal["official", "pooled"] = "official"
 
     def check(self, key: str) -> None:
-        require(self.image_size >= 4, f"{key}.image_size", "must be >= 4", self.image_size)
+        if self.image_size is not None:
+            require(self.image_size >= 4, f"{key}.image_size", "must be >= 4 (or null: the model's "
+                    "input size)", self.image_size)
         for name in ("val_fraction", "test_fraction"):
             value = getattr(self, name)
             require(0.0 < value < 1.0, f"{key}.{name}", "must be in (0, 1)", value)

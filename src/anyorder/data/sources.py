@@ -1,8 +1,10 @@
 """Reading the data sources: CIFAR-10/100 batches, ImageFolder trees and .npz files.
 
-Sources (see `SOURCES`) all return a `RawDataset` of uint8 RGB images at the target size (an
-ImageFolder is decoded and resized one image at a time, so memory follows the output, not the
-photos). Every problem with the input raises `DataError` naming the file or class at fault and
+Sources (see `SOURCES`) all return a `RawDataset` whose images are uint8 RGB at the target size,
+decoded and resized one at a time when asked for (`Images`): an ImageFolder's photos are never
+all in memory at once, and `prepare` writes each image as it reads it. CIFAR's batches and an
+.npz are small enough to hold at their stored size (32x32: 150 MB for CIFAR-100); only the
+resized images are made on demand. Every problem with the input raises `DataError` naming the file or class at fault and
 saying how to fix it.
 
 The embedded default is `data/embedded/digits.npz` in the repository: the 1,797 8x8 handwritten
@@ -24,18 +26,49 @@ import numpy as np
 from anyorder.data.images import IMAGE_EXTENSIONS, DataError, read_image, resize_images
 
 
+class Images:
+    """N images of size x size x 3 uint8, each made on demand by `read(i)` (decoded, resized):
+    `len`, `shape`, `dtype`, `images[i]`; `np.asarray(images)` stacks them all (small data)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, count: int, size: int, read: Callable[[int], np.ndarray]):
+        self.shape = (int(count), int(size), int(size), 3)
+        self.ndim = 4
+        self._read = read
+
+    @classmethod
+    def of_array(cls, images: np.ndarray, size: int) -> "Images":
+        """uint8 (N, H, W, 3) held in memory -> Images at `size` (resized one by one, bilinear)."""
+        return cls(len(images), size, lambda i: resize_images(images[i:i + 1], size)[0])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not isinstance(i, (int, np.integer)) or not -len(self) <= i < len(self):
+            raise IndexError(f"image index {i!r} out of range for {len(self)} images")
+        return self._read(int(i) % len(self))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.uint8)
+        for i in range(len(self)):
+            out[i] = self[i]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass
 class RawDataset:
-    """A whole dataset in memory, before resizing and splitting.
+    """A dataset before splitting: labels in memory, images made one at a time.
 
-    images: uint8 (N, H, W, 3); grayscale sources are replicated to 3 channels.
+    images: `Images`, uint8 (N, size, size, 3); grayscale sources are replicated to 3 channels.
     labels: int64 (N,), values in [0, len(class_names)).
     class_names: one name per class index.
     official: the source's own splits, where it has them ({"train": indices, "test": indices,
       optionally "val": indices}; CIFAR's test batch, an ImageFolder's test/ folder), else None.
     """
 
-    images: np.ndarray
+    images: Images
     labels: np.ndarray
     class_names: list[str]
     official: Optional[dict[str, np.ndarray]] = None
@@ -139,7 +172,7 @@ def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str], size: in
     names = _cifar_key(_unpickle(meta_file), layout.names_key, meta_file)
     class_names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
     total, test = sum(counts), counts[-1]  # the last file is the official test batch
-    return RawDataset(images=resize_images(np.concatenate(images), size),
+    return RawDataset(images=Images.of_array(np.concatenate(images), size),
                       labels=np.concatenate(labels), class_names=class_names,
                       official={"train": np.arange(total - test), "test": np.arange(total - test,
                                                                                    total)})
@@ -198,7 +231,7 @@ def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
     kept (RawDataset.official).
 
     Class names are the sorted sub-folder names (of train/). Each image is decoded and resized
-    on its own, straight into one preallocated array, so memory is that of the output.
+    on its own when asked for (`Images`), so memory holds one photo at a time.
     """
     root = _require_path("imagefolder", path)
     if not root.is_dir():
@@ -229,10 +262,7 @@ def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
             files += class_files
             labels += [index] * len(class_files)
         official[split] = np.arange(start, len(files))
-    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, file in enumerate(files):
-        images[i] = read_image(file, size)
-    return RawDataset(images=images, labels=np.asarray(labels, dtype=np.int64),
+    return RawDataset(images=Images(len(files), size, lambda i: read_image(files[i], size)), labels=np.asarray(labels, dtype=np.int64),
                       class_names=class_names, official=None if "all" in official else official)
 
 
@@ -317,7 +347,8 @@ def _load_npz(path: Optional[str], size: int) -> RawDataset:
         raise DataError(f"{file}: label {int(labels.max())} is out of range for "
                         f"{len(class_names)} class_names (labels must be in "
                         f"0..{len(class_names) - 1})")
-    return RawDataset(images=resize_images(images, size), labels=labels, class_names=class_names)
+    return RawDataset(images=Images.of_array(images, size), labels=labels,
+                      class_names=class_names)
 
 
 # name -> loader(path, image_size). The names are those `data.source` accepts (data/settings.py).

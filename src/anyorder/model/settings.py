@@ -1,15 +1,15 @@
-"""The model settings: the architecture (`ModelConfig`, turned into a spec by
-`anyorder.model.spec.model_spec`), the variants a model is trained as, and one fine-tune run's
-variant and knobs (`FinetuneRun`, read by `anyorder.model.spec.variant_spec` and the training
-loop)."""
+"""The model settings: the architecture (`ModelConfig`: a preset of this project or any timm ViT
+name, with `ModelOverrides` on top; turned into a spec by `anyorder.model.spec.model_spec`), the
+variants a model is trained as, and one fine-tune run's variant and knobs (`FinetuneRun`, read by
+`anyorder.model.spec.variant_spec` and the training loop)."""
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from anyorder.settings import Section, require
+from anyorder.settings import ConfigError, Section, require
 from anyorder.training.settings import TrainConfig
 
 Variant = Literal["sequential", "ls", "ls_pos", "ls_pred"]
@@ -17,36 +17,159 @@ VARIANTS: tuple[str, ...] = typing.get_args(Variant)
 LAYERSHUFFLE_VARIANTS = ("ls", "ls_pos", "ls_pred")
 
 
+class ModelSettingsError(ConfigError):
+    """model.* settings that timm cannot build or load: the message names the key."""
+
+
+# The architecture fields a preset sets and `model.overrides` may change (null: the preset's or
+# timm's value).
+ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named architecture of this project: the timm ViT `timm` with shapes and an input size of
+    its own. No pre-trained weights have those shapes: a preset trains from scratch."""
+    timm: str
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+
+    def describe(self) -> str:
+        return (f"timm's {self.timm} with patch_size {self.patch_size}, embed_dim "
+                f"{self.embed_dim}, depth {self.depth}, num_heads {self.num_heads}, mlp_ratio "
+                f"{self.mlp_ratio}, {self.img_size}x{self.img_size} images")
+
+
+PRESETS: dict[str, Preset] = {
+    # Trains from scratch on a CPU in minutes. 3 x 8 x 8 = 192 values per patch > embed_dim 64:
+    # the patch embedding has a nullspace (the nullspace study needs one).
+    "cpu_tiny": Preset(timm="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
+                       depth=8, num_heads=4, mlp_ratio=2.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelOverrides(Section):
+    """Changes to the architecture `model.arch` names, applied on top of a preset or of timm's
+    model; each key left out (or null) keeps the preset's or timm's value."""
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    img_size: Optional[int] = None      # the model's input size (data.image_size: null follows it)
+    mean: Optional[list[float]] = None  # the input normalisation, per channel (R, G, B)
+    std: Optional[list[float]] = None
+    OPTIONAL_KEYS = ARCH_FIELDS + ("img_size", "mean", "std")
+
+    def check(self, key: str) -> None:
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+            value = getattr(self, name)
+            if value is not None:
+                require(value >= 1, f"{key}.{name}", "must be >= 1", value)
+        if self.img_size is not None:
+            require(self.img_size >= 4, f"{key}.img_size", "must be >= 4", self.img_size)
+        if self.mlp_ratio is not None:
+            require(self.mlp_ratio > 0, f"{key}.mlp_ratio", "must be > 0", self.mlp_ratio)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                require(len(value) == 3, f"{key}.{name}", "needs one value per channel (R, G, B)",
+                        value)
+        if self.std is not None:
+            require(all(s > 0 for s in self.std), f"{key}.std", "must be > 0", self.std)
+
+
 @dataclass(frozen=True)
 class ModelConfig(Section):
-    # Any timm VisionTransformer name; the fields below override its defaults (null = keep timm's).
-    arch: str = "vit_tiny_patch16_224"
-    patch_size: Optional[int] = 8
-    embed_dim: Optional[int] = 64
-    depth: Optional[int] = 8
-    num_heads: Optional[int] = 4
-    mlp_ratio: Optional[float] = 2.0
+    # A preset of this project (PRESETS: cpu_tiny) or any timm VisionTransformer name, which means
+    # exactly timm's model: its shapes, input size and normalisation.
+    arch: str = "cpu_tiny"
+    overrides: ModelOverrides = field(default_factory=ModelOverrides)
     drop_path_rate: float = 0.0
     # "none" (from scratch), "timm" (timm's pre-trained weights; needs the hub or its cache), or
     # the path of a weights file inside models/weights/ (a dependency of the pretrain stage).
     pretrained: str = "none"
 
-    def check(self, key: str, image_size: int) -> None:
-        for name in ("patch_size", "embed_dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if value is not None:
-                require(value >= 1, f"{key}.{name}", "must be >= 1", value)
-        if self.patch_size is not None:
-            require(image_size % self.patch_size == 0, f"{key}.patch_size",
-                    f"must divide data.image_size={image_size}", self.patch_size)
-        if self.embed_dim is not None and self.num_heads is not None:
-            require(self.embed_dim % self.num_heads == 0, f"{key}.num_heads",
-                    f"must divide model.embed_dim={self.embed_dim}", self.num_heads)
-        if self.mlp_ratio is not None:
-            require(self.mlp_ratio > 0, f"{key}.mlp_ratio", "must be > 0", self.mlp_ratio)
+    @property
+    def preset(self) -> Optional[Preset]:
+        """The project preset `arch` names, or None (a timm name)."""
+        return PRESETS.get(self.arch)
+
+    @property
+    def timm_arch(self) -> str:
+        """The timm model: a preset's, or `arch` itself."""
+        preset = self.preset
+        return preset.timm if preset is not None else self.arch
+
+    def known(self, name: str) -> Any:
+        """An ARCH_FIELDS value or img_size as far as it is known without timm: the override,
+        else the preset's; None where it is timm's (anyorder.model.spec asks timm)."""
+        value = getattr(self.overrides, name)
+        if value is None and self.preset is not None:
+            value = getattr(self.preset, name)
+        return value
+
+    def origin(self, name: str, value: Any) -> str:
+        """Where the value of `name` comes from, for messages."""
+        if getattr(self.overrides, name) is not None:
+            return f"model.overrides.{name}={value}"
+        owner = f"preset {self.arch}'s" if self.preset is not None else \
+            f"timm's for {self.arch}:"
+        return f"model.overrides.{name}=null ({owner} {value})"
+
+    def check(self, key: str, image_size: Optional[int]) -> None:
+        """The checks that need no timm (`image_size`: data.image_size, None = the model's input
+        size); anyorder.model.spec checks the values timm gives."""
+        require(bool(self.arch.strip()), f"{key}.arch", f"must name a preset of this project "
+                f"({', '.join(PRESETS)}) or a timm VisionTransformer", self.arch)
+        self.overrides.check(f"{key}.overrides")
         require(0.0 <= self.drop_path_rate < 1.0, f"{key}.drop_path_rate", "must be in [0, 1)",
                 self.drop_path_rate)
-        require(bool(self.arch.strip()), f"{key}.arch", "must name a timm model", self.arch)
+        preset = self.preset
+        if preset is not None and self.pretrained != "none":
+            raise ModelSettingsError(
+                f"{key}.pretrained: {self.arch} is a from-scratch preset of this project "
+                f"({preset.describe()}): no pre-trained weights have its shapes. To start from "
+                f"{self.pretrained!r}, set {key}.arch to the timm model the weights are for (e.g. "
+                f"vit_small_patch16_224; its shapes, input size and normalisation are timm's), "
+                f"or set {key}.pretrained: none")
+        self.check_shapes(self.known("embed_dim"), self.known("num_heads"))
+        self.check_image_size(image_size, self.known("patch_size"), self.known("img_size"))
+
+    def check_shapes(self, embed_dim: Optional[int], num_heads: Optional[int]) -> None:
+        """ConfigError unless num_heads divides embed_dim (None: not known yet, unchecked)."""
+        if embed_dim is None or num_heads is None or embed_dim % num_heads == 0:
+            return
+        name = "num_heads" if self.overrides.num_heads is not None else "embed_dim"
+        raise ModelSettingsError(f"model.overrides.{name}: {self.origin('num_heads', num_heads)} "
+                                 f"must divide {self.origin('embed_dim', embed_dim)}")
+
+    def check_image_size(self, image_size: Optional[int], patch_size: Optional[int],
+                         model_size: Optional[int]) -> None:
+        """ConfigError unless the patch size divides the image size: data.image_size where set
+        (`image_size`; it must then agree with model.overrides.img_size), else the model's input
+        size (`model_size`). None: not known yet, unchecked."""
+        own = self.overrides.img_size
+        if image_size is not None and own is not None and image_size != own:
+            raise ConfigError(f"data.image_size: {image_size} differs from model.overrides."
+                              f"img_size={own}; set one of them (data.image_size: null follows "
+                              f"the model's input size)")
+        if patch_size is None:
+            return
+        if image_size is not None:
+            require(image_size % patch_size == 0, "data.image_size", f"must be divisible by the "
+                    f"patch size ({self.origin('patch_size', patch_size)})", image_size)
+        elif model_size is not None and model_size % patch_size:
+            name = "patch_size" if self.overrides.patch_size is not None else "img_size"
+            raise ModelSettingsError(
+                f"model.overrides.{name}: {self.origin('patch_size', patch_size)} must divide the "
+                f"model's input size ({self.origin('img_size', model_size)}; data.image_size is "
+                f"null: it follows the model)")
 
 
 @dataclass(frozen=True)

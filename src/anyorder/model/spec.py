@@ -1,6 +1,8 @@
-"""The model spec: everything needed to rebuild a model, resolved from the `model:` settings and
-checked against timm, and the timm VisionTransformer it names (with pre-trained weights where
-asked). Settings timm cannot build or load raise `ModelSettingsError`, naming the key.
+"""The model spec: everything needed to rebuild a model, resolved from the `model:` settings (a
+project preset or a timm name, with model.overrides) and checked against timm, and the timm
+VisionTransformer it names (with pre-trained weights where asked). Also the one rule for the image
+size (`resolve_image_size`: data.image_size, else the model's input size). Settings timm cannot
+build or load raise `ModelSettingsError`, naming the key.
 """
 from __future__ import annotations
 
@@ -16,15 +18,8 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
-from anyorder.model.settings import FinetuneRun, ModelConfig
-from anyorder.settings import ConfigError
-
-# The architecture fields a params.yaml may override (null = keep timm's value).
-ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
-
-
-class ModelSettingsError(ConfigError):
-    """model.* settings that timm cannot build or load: the message names the key."""
+from anyorder.model.settings import (ARCH_FIELDS, PRESETS, FinetuneRun, ModelConfig,
+                                     ModelSettingsError)
 
 
 @dataclass
@@ -74,15 +69,20 @@ def architecture_defaults(arch: str) -> dict:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    presets = ", ".join(PRESETS)
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else " (see timm.list_models('vit_*'))"
-        raise ModelSettingsError(f"model.arch: timm has no model named {arch!r}{hint}")
+        close = difflib.get_close_matches(arch, list(PRESETS) + timm.list_models(), n=3,
+                                          cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ModelSettingsError(
+            f"model.arch: timm has no model named {arch!r}{hint} (model.arch takes a preset of "
+            f"this project, {presets}, or any timm VisionTransformer name: see "
+            f"timm.list_models('vit_*'))")
     with torch.device("meta"):
         vit = timm.create_model(arch)
     if not isinstance(vit, VisionTransformer):
         raise ModelSettingsError(f"model.arch: {arch!r} is not a timm VisionTransformer; pick a "
-                                 f"vit_* or deit_* model")
+                                 f"vit_* or deit_* model, or a preset of this project ({presets})")
     mlp = vit.blocks[0].mlp
     hidden = getattr(mlp, "fc1", None) or getattr(mlp, "fc1_g", None)
     return {"patch_size": int(vit.patch_embed.patch_size[0]), "embed_dim": int(vit.embed_dim),
@@ -90,33 +90,71 @@ def architecture_defaults(arch: str) -> dict:
             "mlp_ratio": float(hidden.out_features) / vit.embed_dim if hidden else None}
 
 
-def model_spec(model: ModelConfig, image_size: int, class_names: Sequence[str],
-               variant: str = "sequential") -> ModelSpec:
-    """The spec of the pipeline's model: `model.arch` with its overrides, every null override
-    resolved to timm's value and checked (the checks `ModelConfig.check` can only do for set
-    values). Normalisation is timm's for the architecture. Raises ModelSettingsError naming the
-    key."""
+def timm_input_size(arch: str) -> int:
+    """The input size timm's pre-trained config gives `arch` (224 for vit_small_patch16_224);
+    the model's own default where timm has no config."""
     import timm
 
-    defaults = architecture_defaults(model.arch)
-    resolved = {name: defaults[name] if getattr(model, name) is None else getattr(model, name)
-                for name in ARCH_FIELDS}
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is not None and cfg.input_size:
+        height, width = cfg.input_size[-2:]
+    else:
+        with torch.device("meta"):
+            height, width = timm.create_model(arch).patch_embed.img_size
+    if height != width:
+        raise ModelSettingsError(f"model.arch: timm's {arch} takes {height}x{width} images; this "
+                                 f"project's images are square: set model.overrides.img_size")
+    return int(height)
 
-    def source(name: str) -> str:
-        return (f"model.{name}={resolved[name]}" if getattr(model, name) is not None
-                else f"model.{name}=null (timm's {resolved[name]} for {model.arch})")
 
+def resolve_image_size(model: ModelConfig, image_size: Optional[int]) -> int:
+    """The size images are prepared at and the model takes, the one rule for it: data.image_size
+    (`image_size`) where set, else the model's input size: model.overrides.img_size, else the
+    preset's, else timm's (its pre-trained config) for a timm name. The patch size must divide
+    it. Raises ConfigError naming the key; timm is asked only for what params.yaml leaves to it.
+    Reads model.arch and model.overrides only (the prepare stage declares just those)."""
+    model_size = model.known("img_size")
+    if model_size is None and image_size is None:
+        model_size = timm_input_size(model.timm_arch)
+    patch_size = model.known("patch_size")
+    if patch_size is None:
+        patch_size = architecture_defaults(model.timm_arch)["patch_size"]
+    model.check_image_size(image_size, patch_size, model_size)
+    return image_size if image_size is not None else model_size
+
+
+def model_spec(model: ModelConfig, image_size: Optional[int], class_names: Sequence[str],
+               variant: str = "sequential") -> ModelSpec:
+    """The spec of the pipeline's model: `model.arch` (a preset, or timm's model as timm defines
+    it) with model.overrides on top, every null override resolved to the preset's or timm's value
+    and checked (the checks `ModelConfig.check` can only do for values it knows). `image_size`:
+    the size of the prepared images (None: `resolve_image_size` with data.image_size null).
+    Normalisation: model.overrides.mean/std, else timm's for the architecture. Raises
+    ModelSettingsError naming the key."""
+    import timm
+
+    arch = model.timm_arch
+    defaults = architecture_defaults(arch)
+    resolved = {}
+    for name in ARCH_FIELDS:
+        value = model.known(name)  # the override, else the preset's
+        resolved[name] = defaults[name] if value is None else value
+    if image_size is None:
+        image_size = resolve_image_size(model, None)
     if image_size % resolved["patch_size"]:
-        raise ModelSettingsError(f"model.patch_size: {source('patch_size')} must divide "
-                                 f"data.image_size={image_size}")
-    if resolved["embed_dim"] % resolved["num_heads"]:
-        raise ModelSettingsError(f"model.num_heads: {source('num_heads')} must divide "
-                                 f"{source('embed_dim')}")
-    cfg = timm.models.get_pretrained_cfg(model.arch)
-    return ModelSpec(arch=model.arch, num_classes=len(class_names), img_size=image_size,
+        raise ModelSettingsError(f"model.overrides.patch_size: "
+                                 f"{model.origin('patch_size', resolved['patch_size'])} must "
+                                 f"divide the image size {image_size} (data.image_size, or the "
+                                 f"model's input size where that is null)")
+    model.check_shapes(resolved["embed_dim"], resolved["num_heads"])
+    cfg = timm.models.get_pretrained_cfg(arch)
+    timm_mean = tuple(cfg.mean) if cfg else (0.5, 0.5, 0.5)
+    timm_std = tuple(cfg.std) if cfg else (0.5, 0.5, 0.5)
+    mean, std = model.overrides.mean, model.overrides.std
+    return ModelSpec(arch=arch, num_classes=len(class_names), img_size=image_size,
                      variant=variant, drop_path_rate=model.drop_path_rate,
-                     mean=tuple(cfg.mean) if cfg else (0.5, 0.5, 0.5),
-                     std=tuple(cfg.std) if cfg else (0.5, 0.5, 0.5),
+                     mean=tuple(mean) if mean is not None else timm_mean,
+                     std=tuple(std) if std is not None else timm_std,
                      class_names=list(class_names), **resolved)
 
 
@@ -165,7 +203,7 @@ def build_timm_vit(spec: ModelSpec, pretrained: str = "none") -> nn.Module:
                                      f"{_overrides(spec)}: {exc}") from exc
         raise ModelSettingsError(
             f"model.pretrained: timm's weights do not load into {spec.arch} with "
-            f"{_overrides(spec)}: {str(exc).splitlines()[0][:300]}; set the overrides to null "
+            f"{_overrides(spec)}: {str(exc).splitlines()[0][:300]}; set model.overrides to {{}} "
             f"to use the shapes the weights were trained with") from exc
     if file is not None:
         from anyorder.model.weights import load_timm_weights
@@ -184,7 +222,7 @@ def _overrides(spec: ModelSpec) -> str:
 def _check_timm_weights_fit(spec: ModelSpec) -> None:
     """timm's weights have timm's shapes: name the overrides that would change them."""
     defaults = architecture_defaults(spec.arch)
-    changed = [f"model.{name}={getattr(spec, name)} (timm: {defaults[name]})"
+    changed = [f"model.overrides.{name}={getattr(spec, name)} (timm: {defaults[name]})"
                for name in ("embed_dim", "depth", "num_heads", "mlp_ratio")
                if getattr(spec, name) is not None and defaults[name] is not None
                and abs(float(getattr(spec, name)) - float(defaults[name])) > 1e-9]
@@ -192,7 +230,8 @@ def _check_timm_weights_fit(spec: ModelSpec) -> None:
         raise ModelSettingsError(
             f"model.pretrained: timm's weights for {spec.arch} cannot load with "
             f"{', '.join(changed)}: the pre-trained layers were trained with timm's values; set "
-            f"those to null (model.patch_size and data.image_size may differ: timm resamples them)")
+            f"those to null (model.overrides.patch_size, model.overrides.img_size and "
+            f"data.image_size may differ: timm resamples them)")
 
 
 def _cached_timm_safetensors(arch: str) -> Optional[Path]:

@@ -6,8 +6,8 @@ another model loads silently. Here every tensor of the model must come from the 
 tensor of the file must be used; the one exception is the classifier (`head.*`) when its shape
 differs from the model's (another number of classes): it keeps its fresh initialisation, and the
 report names it. Position and patch embeddings of another grid are resampled with timm's own
-`checkpoint_filter_fn` (the same conversion timm applies), so `data.image_size` and
-`model.patch_size` may differ from the file's.
+`checkpoint_filter_fn` (the same conversion timm applies), so the image size (`data.image_size`,
+`model.overrides.img_size`) and `model.overrides.patch_size` may differ from the file's.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import torch
 
 from anyorder.training.settings import TrainConfig
 from anyorder.data.inputs import random_shift, to_model_input
+from anyorder.data.loader import EpochBatches, batch_loader
 from anyorder.data.prepared import load_split
 from anyorder.device import resolve_device
 from anyorder.evaluation.accuracy import accuracy_for_orders, summarize
@@ -37,6 +38,7 @@ from anyorder.training.resume import (STATE_FILE, code_digest, open_state, remov
                                       run_fingerprint, save_state)
 from anyorder.training.step import (Loss, LossTerms, TrainStep, backward_and_step, step_losses,
                                     train_step_module)
+from anyorder.threads import loader_workers
 
 __all__ = ["FUSED_ADAMW_DEVICES", "STATE_FILE", "SUMMED", "Loss", "LossTerms", "TrainResult",
            "TrainStep", "TrainingDiverged", "code_digest", "lr_factor", "make_optimizer",
@@ -75,15 +77,18 @@ class _Run:
     start_epoch: int
     step_module: torch.nn.Module  # the model, or DDP around it
     order_rank: int             # whose orders this rank draws (cfg.order_scope)
-    images: torch.Tensor        # the training split on the device, uint8
-    labels: torch.Tensor
+    images: object              # the training split: ImageRows (read a batch at a time) or an array
+    labels: np.ndarray
+    sampler: EpochBatches       # the coming epoch's batches (this rank's shards), set per epoch
+    loader: torch.utils.data.DataLoader  # reads them (workers: anyorder.threads.loader_workers)
     autocast: torch.autocast    # bfloat16 on a GPU, off on CPU
 
 
 @dataclass
 class _Epoch:
     """One epoch's draws (batches, augmentation, orders, noise), figures and progress bar."""
-    permutation: torch.Tensor
+    permutation: np.ndarray
+    batches: object             # iterator over this rank's (uint8 images, labels), step by step
     augment_gen: torch.Generator
     orders: list
     sums: EpochSums
@@ -152,7 +157,7 @@ def _set_up(model: AnyOrderViT, train_data, cfg: TrainConfig, seed: int, state_d
             fingerprint_extra: str, progress: bool, order_sampling: str,
             position_loss_weight: float, epoch_noise, layerdrop) -> _Run:
     """Join the processes, move the model to the device, make the optimizer and schedule,
-    restore the resume state when there is one, wrap the step and put the data on the device."""
+    restore the resume state when there is one, wrap the step."""
     dist, device = distributed.init(resolve_device(cfg.device))
     steps_per_epoch = math.ceil(len(train_data[0]) / cfg.batch_size)
     extra = {"layerdrop": layerdrop}
@@ -171,11 +176,12 @@ def _set_up(model: AnyOrderViT, train_data, cfg: TrainConfig, seed: int, state_d
                                          result)
     step_module = train_step_module(model, dist, device, layerdrop)
     order_rank = dist.rank if cfg.order_scope == "rank" else 0
-    # The training split goes to the device once, as compact uint8, and each batch is indexed,
-    # converted and augmented there: no host-to-device copy per step.
-    train_x, train_y = train_data
-    images = torch.as_tensor(train_x).to(device)
-    labels = torch.as_tensor(train_y, dtype=torch.long).to(device)
+    # Batches are read from the prepared split as they are needed (a DataLoader), never the
+    # whole split at once; they travel as uint8 and are converted and augmented on the device.
+    images, labels = train_data
+    sampler = EpochBatches()
+    loader = batch_loader(images, labels, sampler, loader_workers(device.type),
+                          pin_memory=device.type == "cuda")
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16,
                               enabled=device.type == "cuda")
     return _Run(model=model, cfg=cfg, seed=seed, dist=dist, device=device,
@@ -185,7 +191,7 @@ def _set_up(model: AnyOrderViT, train_data, cfg: TrainConfig, seed: int, state_d
                 epoch_noise=epoch_noise, optimizer=optimizer, scheduler=scheduler, result=result,
                 fingerprint=fingerprint, state_path=state_path, start_epoch=start_epoch,
                 step_module=step_module, order_rank=order_rank, images=images, labels=labels,
-                autocast=autocast)
+                sampler=sampler, loader=loader, autocast=autocast)
 
 
 def _start_epoch(run: _Run, epoch: int) -> _Epoch:
@@ -193,7 +199,11 @@ def _start_epoch(run: _Run, epoch: int) -> _Epoch:
     (seed, epoch)), its patch noise (when trained with noise); zero its sums."""
     run.model.train()
     permutation = torch.randperm(len(run.images), generator=generator_for(
-        run.seed, epoch, STREAM_BATCHES)).to(run.device)
+        run.seed, epoch, STREAM_BATCHES)).numpy()
+    size = run.cfg.batch_size
+    shards = [permutation[start:start + size] for start in range(0, len(permutation), size)]
+    run.sampler.batches = [index[run.dist.shard(len(index))] for index in shards]
+    batches = iter(run.loader)
     augment_gen = generator_for(run.seed, epoch, STREAM_AUGMENT)
     orders = epoch_orders(run.seed, epoch, len(run.images), run.cfg.batch_size, run.model.depth,
                           run.shuffle, run.per_sample, run.layerdrop, rank=run.order_rank)
@@ -204,7 +214,7 @@ def _start_epoch(run: _Run, epoch: int) -> _Epoch:
                                                                        STREAM_NOISE))
         noise = noise.to(run.device)
     bar = _progress(run.steps_per_epoch, f"epoch {epoch + 1}/{run.cfg.epochs}", run.progress)
-    return _Epoch(permutation, augment_gen, orders, sums, noise, noise_record, bar)
+    return _Epoch(permutation, batches, augment_gen, orders, sums, noise, noise_record, bar)
 
 
 @contextmanager
@@ -220,21 +230,21 @@ def _global_rng_seeded_for_epoch(seed: int, epoch: int, device: torch.device):
 
 def _batch(run: _Run, this_epoch: _Epoch, step: int):
     """This rank's images, targets and block order(s) of the epoch's `step`, and the loss terms
-    of its global batch. The whole global batch is prepared (and augmented) alike on every
-    rank, then each rank takes its shard: N processes see what one process would."""
+    of its global batch. Each rank reads its shard of the global batch and draws the global
+    batch's augmentation, keeping its shard's: N processes see what one process would."""
     cfg = run.cfg
-    index = this_epoch.permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-    batch = to_model_input(run.images[index], run.model.spec, run.device)
-    batch = random_shift(batch, cfg.shift_pixels, this_epoch.augment_gen)
-    targets = run.labels[index].to(run.device)
+    size = len(this_epoch.permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+    part = run.dist.shard(size)
+    images, targets = next(this_epoch.batches)
+    batch = to_model_input(images, run.model.spec, run.device)
+    batch = random_shift(batch, cfg.shift_pixels, this_epoch.augment_gen, total=size, part=part)
+    targets = targets.to(run.device, non_blocking=True)
     order = this_epoch.orders[step]
     if (run.shuffle or run.layerdrop) and order.dim() == 1:
         run.result.orders.append(order.tolist())
-    part = run.dist.shard(len(index))
-    batch, targets = batch[part], targets[part]
     if order.dim() == 2:  # per-sample orders: this_epoch shard's rows
         order = order[part]
-    return batch, targets, order, LossTerms(len(index), run.dist.world_size, cfg.label_smoothing)
+    return batch, targets, order, LossTerms(size, run.dist.world_size, cfg.label_smoothing)
 
 
 def _show_progress(this_epoch: _Epoch, read_now: bool) -> None:

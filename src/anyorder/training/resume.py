@@ -48,8 +48,9 @@ def run_fingerprint(model, cfg: TrainConfig, seed: int, train_data, extra: str,
     """Everything a run's result depends on: the state of another run must not be resumed.
     `code`: the training code's digest (`code_digest()`)."""
     data = hashlib.sha256()
-    for array in train_data:
-        data.update(np.ascontiguousarray(array).tobytes())
+    for array in train_data:  # a chunk at a time: the images may be read from disk
+        for start in range(0, len(array), 1024):
+            data.update(np.ascontiguousarray(array[start:start + 1024]).tobytes())
     blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "spec": model.spec.to_dict(),
                        "order_sampling": order_sampling,
                        "position_loss_weight": position_loss_weight, "noisy": noisy,
