@@ -113,3 +113,34 @@ def test_training_on_disk_equals_training_in_memory_with_any_number_of_workers(d
         weights.append(model.state_dict())
     for other in weights[1:]:
         assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
+
+
+def test_images_stored_larger_are_resized_on_the_fly_for_training_evaluation_and_the_runtime(
+        tmp_path):
+    """data.image_size 24 with model.overrides.img_size 16: prepared once at 24 px, each batch
+    resized on the device (antialiased bilinear); the exported runtime's accuracy on the same
+    24 px images matches PyTorch's."""
+    from anyorder.data.inputs import to_model_input
+    from anyorder.data.prepare import prepare_dataset
+    from anyorder.evaluation.accuracy import accuracy_for_orders
+    from anyorder.export.blocks import export_model, runtime_accuracy
+    from conftest import EMBEDDED
+    prepare_dataset("npz", str(EMBEDDED), 24, 0.15, 0.2, 0, tmp_path / "p")
+    train, val, test = (load_split(tmp_path / "p", s) for s in ("train", "val", "test"))
+    assert train[0].shape[1:] == (24, 24, 3)
+    model = tiny_model("sequential")  # img_size 16
+    batch = to_model_input(test[0][:5], model.spec)
+    direct = torch.nn.functional.interpolate(
+        torch.as_tensor(test[0][:5]).permute(0, 3, 1, 2).float() / 255, size=(16, 16),
+        mode="bilinear", antialias=True)
+    assert batch.shape == (5, 3, 16, 16) and torch.allclose(batch, (direct - 0.5) / 0.5, atol=1e-6)
+    train_model(model, train, val, replace(CFG, epochs=8, lr=3e-3), seed=0, progress=False)
+    orders = [[0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]]
+    accuracies = accuracy_for_orders(model, *test, orders)
+    assert accuracies[0] > 0.4  # it learned from the resized images (chance: 0.1)
+    export_model(model, tmp_path / "export", "resized")
+    evaluation = {"sequential": accuracies[0], "orders": orders[1:],
+                  "order_accuracies": accuracies[1:]}
+    runtime = runtime_accuracy(tmp_path / "export", evaluation, *test, spec=model.spec,
+                               batch_size=100)
+    assert runtime["sequential"] == accuracies[0] and runtime["max_difference_points"] < 0.5

@@ -325,7 +325,7 @@ def test_overrides_apply_on_top_of_a_preset_or_a_timm_model():
 
 def test_data_image_size_null_follows_the_model_and_a_set_one_is_checked():
     from anyorder.model.settings import ModelConfig, ModelOverrides
-    from anyorder.model.spec import resolve_image_size
+    from anyorder.model.spec import model_spec, resolve_image_size
     from anyorder.settings import ConfigError
     assert resolve_image_size(ModelConfig(), None) == 32                   # the preset's
     assert resolve_image_size(ModelConfig(), 48) == 48                     # data.image_size wins
@@ -346,9 +346,14 @@ def test_data_image_size_null_follows_the_model_and_a_set_one_is_checked():
             "(model.overrides.img_size=40")):
         resolve_image_size(ModelConfig(arch="vit_small_patch16_224",
                                        overrides=ModelOverrides(img_size=40)), None)
+    # Stored at one size, the model at another: prepared at data.image_size, resized on the fly.
+    smaller = ModelConfig(overrides=ModelOverrides(img_size=16))
+    assert resolve_image_size(smaller, 32) == 32
+    assert model_spec(smaller, 32, NAMES).img_size == 16
     with pytest.raises(ConfigError, match=re.escape(
-            "data.image_size: 32 differs from model.overrides.img_size=16; set one of them")):
-        resolve_image_size(ModelConfig(overrides=ModelOverrides(img_size=16)), 32)
+            "model.overrides.img_size: model.overrides.patch_size=null (preset cpu_tiny's 8) must "
+            "divide the model's input size (model.overrides.img_size=20)")):
+        resolve_image_size(ModelConfig(overrides=ModelOverrides(img_size=20)), 32)
 
 
 def test_null_overrides_take_timms_values_and_are_still_checked():

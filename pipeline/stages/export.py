@@ -28,7 +28,8 @@ def main() -> None:
         manifest = export_model(model, out, name, cfg.opset, accuracy,
                                 extra={"source_model": model_path}, checkpoint_dir=model_path)
         check = check_export(model, out, cfg.check_orders, cfg.check_seed)
-        check["runtime_test_accuracy"] = runtime_accuracy(out, evaluation, images, labels)
+        check["runtime_test_accuracy"] = runtime_accuracy(out, evaluation, images, labels,
+                                                      model.spec)
         metrics = {"model": name, "version": manifest["version"], "variant": manifest["variant"],
                    "opset": cfg.opset, **check}
         atomic_write_json(METRICS / "export" / f"{name}.json", metrics)

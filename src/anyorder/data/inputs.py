@@ -12,12 +12,19 @@ from anyorder.model.spec import ModelSpec
 
 def to_model_input(images: np.ndarray | torch.Tensor, spec: ModelSpec,
                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 images (N,H,W,3) -> float32 (N,3,H,W), scaled to [0,1] and normalised as `spec` says.
-    The copy to the device is asynchronous from pinned memory (a DataLoader's batches on a GPU)."""
+    """uint8 images (N,H,W,3) -> float32 (N,3,S,S), scaled to [0,1] and normalised as `spec` says.
+    The copy to the device is asynchronous from pinned memory (a DataLoader's batches on a GPU).
+    Images stored at another size than the model's (data.image_size against model.overrides.
+    img_size) are resized here, on the device: bilinear with antialiasing, as Pillow's resize at
+    `prepare` (the two differ in rounding; images of the model's size are untouched)."""
     if not isinstance(images, torch.Tensor):
         images = np.asarray(images)  # an array, or prepared images read from disk (ImageRows)
     batch = torch.as_tensor(images).to(device, non_blocking=True)
     batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    if batch.shape[-2:] != (spec.img_size, spec.img_size):
+        batch = torch.nn.functional.interpolate(batch, size=(spec.img_size, spec.img_size),
+                                                mode="bilinear", antialias=True,
+                                                align_corners=False)
     mean, std = _normalisation(tuple(spec.mean), tuple(spec.std), batch.device)
     return (batch - mean) / std
 

@@ -29,6 +29,8 @@ import torch.nn as nn
 
 from anyorder.model.checkpoint import tensors_digest
 from anyorder.files import atomic_directory, atomic_write_json, sha256_file
+from anyorder.data.inputs import to_model_input
+from anyorder.model.spec import ModelSpec
 from anyorder.model.vit import AnyOrderViT
 from anyorder.evaluation.orders import random_orders
 from anyorder.export.runtime import FORMAT, MANIFEST, BlockRuntime
@@ -266,15 +268,26 @@ def check_export(model: AnyOrderViT, export_dir: Union[str, Path], num_orders: i
 
 
 def runtime_accuracy(export_dir: Union[str, Path], evaluation: dict, images: np.ndarray,
-                     labels: np.ndarray) -> dict:
+                     labels: np.ndarray, spec: Optional[ModelSpec] = None,
+                     batch_size: int = 256) -> dict:
     """The runtime's test accuracy in sequential order and in the evaluate stage's orders
     (`evaluation`: its metrics), next to what PyTorch measured there (points = percentage
-    points)."""
+    points). Images of another size than the model's (`spec`; stored larger, resized on the fly)
+    are resized and normalised as PyTorch's evaluation does; the runtime's own preprocessing
+    takes images at the model's size."""
     runtime = BlockRuntime(export_dir)
     orders = [list(range(runtime.depth))] + evaluation["orders"]
-    normalised = runtime.preprocess(images)  # once, not once per order
-    ours = [float((runtime.run(normalised, order).predictions == labels).mean())
-            for order in orders]
+    hits = np.zeros(len(orders), dtype=np.int64)
+    for start in range(0, len(labels), batch_size):  # a batch at a time: the split is not in memory
+        batch = images[start:start + batch_size]
+        if spec is not None and batch.shape[1:3] != (spec.img_size, spec.img_size):
+            normalised = to_model_input(batch, spec).numpy()
+        else:
+            normalised = runtime.preprocess(batch)  # once for every order
+        for i, order in enumerate(orders):
+            hits[i] += int((runtime.run(normalised, order).predictions ==
+                            labels[start:start + batch_size]).sum())
+    ours = [float(count / len(labels)) for count in hits]
     theirs = [evaluation["sequential"]] + evaluation["order_accuracies"]
     return {"sequential": ours[0], "arbitrary_mean": sum(ours[1:]) / len(ours[1:]),
             "max_difference_points": 100 * max(abs(a - b) for a, b in zip(ours, theirs)),

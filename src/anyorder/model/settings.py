@@ -151,25 +151,24 @@ class ModelConfig(Section):
 
     def check_image_size(self, image_size: Optional[int], patch_size: Optional[int],
                          model_size: Optional[int]) -> None:
-        """ConfigError unless the patch size divides the image size: data.image_size where set
-        (`image_size`; it must then agree with model.overrides.img_size), else the model's input
+        """ConfigError unless the patch size divides the model's input size: model.overrides.
+        img_size where set (images stored at another data.image_size are resized to it on the
+        device, batch by batch), else data.image_size (`image_size`), else the model's own input
         size (`model_size`). None: not known yet, unchecked."""
         own = self.overrides.img_size
-        if image_size is not None and own is not None and image_size != own:
-            raise ConfigError(f"data.image_size: {image_size} differs from model.overrides."
-                              f"img_size={own}; set one of them (data.image_size: null follows "
-                              f"the model's input size)")
         if patch_size is None:
             return
-        if image_size is not None:
+        if own is None and image_size is not None:
             require(image_size % patch_size == 0, "data.image_size", f"must be divisible by the "
                     f"patch size ({self.origin('patch_size', patch_size)})", image_size)
-        elif model_size is not None and model_size % patch_size:
+            return
+        size = own if own is not None else model_size
+        if size is not None and size % patch_size:
             name = "patch_size" if self.overrides.patch_size is not None else "img_size"
             raise ModelSettingsError(
                 f"model.overrides.{name}: {self.origin('patch_size', patch_size)} must divide the "
-                f"model's input size ({self.origin('img_size', model_size)}; data.image_size is "
-                f"null: it follows the model)")
+                f"model's input size ({self.origin('img_size', size)}"
+                f"{'' if own is not None else '; data.image_size is null: it follows the model'})")
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,9 @@ def model_spec(model: ModelConfig, image_size: Optional[int], class_names: Seque
     """The spec of the pipeline's model: `model.arch` (a preset, or timm's model as timm defines
     it) with model.overrides on top, every null override resolved to the preset's or timm's value
     and checked (the checks `ModelConfig.check` can only do for values it knows). `image_size`:
-    the size of the prepared images (None: `resolve_image_size` with data.image_size null).
+    the size of the prepared images (None: `resolve_image_size` with data.image_size null); the
+    model takes model.overrides.img_size where that is set (prepared images of another size are
+    resized to it on the device, `anyorder.data.inputs.to_model_input`), else that size.
     Normalisation: model.overrides.mean/std, else timm's for the architecture. Raises
     ModelSettingsError naming the key."""
     import timm
@@ -141,6 +143,8 @@ def model_spec(model: ModelConfig, image_size: Optional[int], class_names: Seque
         resolved[name] = defaults[name] if value is None else value
     if image_size is None:
         image_size = resolve_image_size(model, None)
+    if model.overrides.img_size is not None:
+        image_size = model.overrides.img_size
     if image_size % resolved["patch_size"]:
         raise ModelSettingsError(f"model.overrides.patch_size: "
                                  f"{model.origin('patch_size', resolved['patch_size'])} must "
