@@ -203,3 +203,21 @@ def test_npz_empty_class_named(tmp_path: Path):
 def test_bad_fractions(val: float, test: float):
     with pytest.raises(DataError, match="fraction"):
         stratified_split(np.repeat(np.arange(2), 10), val, test, seed=0)
+
+
+def test_imagefolder_file_order_is_pathlibs(tmp_path: Path):
+    """Files are listed compactly (relative names, not Paths) in the order sorted Paths had:
+    folder by folder, so 'sub/x.png' comes before 'sub-2/a.png' (plain string order would not)."""
+    from anyorder.data.sources import _image_files
+    names = ["b.png", "a.PNG", "Z.jpg", "sub/x.png", "sub-2/a.png", "sub/deeper/c.png",
+             "c.png.d/e.png", "c.png", ".hidden.png", "sub/.x/y.png", "notes.txt"]
+    for name in names:
+        (tmp_path / "cls" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cls" / name).write_bytes(b"")
+    expected = sorted(p for p in (tmp_path / "cls").rglob("*")
+                      if p.is_file() and p.suffix.lower() in (".png", ".jpg")
+                      and not any(part.startswith(".") for part in p.relative_to(tmp_path).parts))
+    relative = [str(p.relative_to(tmp_path / "cls")) for p in expected]
+    assert _image_files(tmp_path / "cls") == relative
+    assert relative.index("sub/x.png") < relative.index("sub-2/a.png")
+    assert sorted(relative) != relative  # string order would differ: the test can fail

@@ -80,7 +80,7 @@ def test_the_loader_gives_the_batches_asked_for_in_order_with_workers_or_without
 
 def test_training_reads_batches_not_the_split(digits16, monkeypatch):
     """The run never holds the split: every read of the training images is at most a batch
-    (or the 1024-image chunks of the run's fingerprint), never all of them."""
+    (or the 64-image chunks of the run's fingerprint), never all of them."""
     train, val = digits16["train"], digits16["val"]
     largest = []
     read = ImageRows._read
@@ -92,7 +92,7 @@ def test_training_reads_batches_not_the_split(digits16, monkeypatch):
 
     monkeypatch.setattr(ImageRows, "_read", counted)
     train_model(tiny_model("ls"), train, val, replace(CFG, epochs=1), seed=0, progress=False)
-    assert max(largest) <= 1024 < len(train[1])
+    assert max(largest) <= 64 < len(train[1])
     assert sum(c == 1 for c in largest) == len(train[1])  # the epoch's batches, image by image
 
 

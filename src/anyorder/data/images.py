@@ -19,7 +19,7 @@ class DataError(InputError):
     """Bad input data. The message names the file, path or class at fault and how to fix it."""
 
 
-def read_image(file: Path, size: int, resize: bool = True) -> np.ndarray:
+def read_image(file: str | Path, size: int, resize: bool = True) -> np.ndarray:
     """One image file -> uint8 (size, size, 3), decoded and resized on its own (bilinear).
     resize=False: an image of another size is refused (DataError naming it) instead."""
     try:

@@ -14,6 +14,7 @@ Only numpy and the standard library are imported here, besides `anyorder.data.im
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import pickle
@@ -178,25 +179,64 @@ def _load_cifar(layout: _CifarLayout, source: str, path: Optional[str], size: in
                                                                                    total)})
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """Image files anywhere below `class_dir` (any extension case), sorted, hidden ones skipped.
+def _image_files(class_dir: Path) -> list[str]:
+    """Image files anywhere below `class_dir` (any extension case), hidden ones skipped, as paths
+    relative to `class_dir`, in the order of their paths compared folder by folder (pathlib's).
 
     A sub-folder that cannot be listed is an error naming it, not a silent gap in the class
-    (pathlib's rglob skips unreadable folders without a word).
+    (pathlib's rglob skips unreadable folders without a word). Symbolic links to folders are not
+    followed; links to files are.
     """
-    def refuse(exc: OSError) -> None:
-        reason = exc.strerror or str(exc)
-        raise DataError(f"{exc.filename or class_dir}: cannot list this folder ({reason}); fix "
-                        f"its permissions or remove it from the data set") from exc
+    files: list[str] = []
+    _walk_images(str(class_dir), "", files)
+    return files
 
-    files = []
-    # Hidden entries are skipped: macOS '._x.png' resource forks and notebook checkpoints
-    # carry image extensions but are not images of the class.
-    for folder, subfolders, names in os.walk(class_dir, onerror=refuse):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        files += [Path(folder) / n for n in names
-                  if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(f for f in files if f.is_file())
+
+def _walk_images(folder: str, prefix: str, files: list[str]) -> None:
+    """Append `folder`'s image files (as `prefix` + name) to `files`, sub-folders at their place
+    in name order (a file 'b.png' before a folder 'c/'). A module-level function, not a nested
+    one: a recursive closure is a reference cycle that keeps the list alive until the garbage
+    collector runs."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DataError(f"{exc.filename or folder}: cannot list this folder ({reason}); fix "
+                        f"its permissions or remove it from the data set") from exc
+    # Hidden entries are skipped: macOS '._x.png' resource forks and notebook checkpoints carry
+    # image extensions but are not images of the class.
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            _walk_images(entry.path, prefix + entry.name + os.sep, files)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            files.append(prefix + entry.name)
+
+
+class _FileTable:
+    """The image files of an ImageFolder, compactly: per class folder, its files' relative names
+    as one bytes array (about 10 bytes per image where a Path takes 500): the file list is all
+    `prepare` holds per image, so its memory barely grows with the data set."""
+
+    def __init__(self):
+        self._folders: list[str] = []
+        self._names: list[np.ndarray] = []
+        self._starts = [0]
+
+    def add(self, folder: Path, names: list[str]) -> None:
+        self._folders.append(str(folder))
+        self._names.append(np.array([os.fsencode(name) for name in names], dtype=bytes))
+        self._starts.append(self._starts[-1] + len(names))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> str:
+        group = bisect.bisect_right(self._starts, i) - 1
+        return os.path.join(self._folders[group],
+                            os.fsdecode(self._names[group][i - self._starts[group]]))
 
 
 def _class_folders(root: Path) -> list[Path]:
@@ -242,7 +282,7 @@ def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
     if not class_names:
         raise DataError(f"{root}: no class sub-folders found (put the images of each class in "
                         f"their own sub-folder, e.g. {root}/cat/1.png)")
-    files, labels, official = [], [], {}
+    files, labels, official = _FileTable(), [], {}
     for split, folder in splits.items():
         found = [d.name for d in _class_folders(folder)]
         if found != class_names:
@@ -259,10 +299,11 @@ def _load_imagefolder(path: Optional[str], size: int) -> RawDataset:
             if not class_files:
                 raise DataError(f"{folder / name}: class folder '{name}' has no images "
                                 f"({'/'.join(IMAGE_EXTENSIONS)}); add some or remove the folder")
-            files += class_files
-            labels += [index] * len(class_files)
+            files.add(folder / name, class_files)
+            labels.append(np.full(len(class_files), index, dtype=np.int64))
         official[split] = np.arange(start, len(files))
-    return RawDataset(images=Images(len(files), size, lambda i: read_image(files[i], size)), labels=np.asarray(labels, dtype=np.int64),
+    return RawDataset(images=Images(len(files), size, lambda i: read_image(files[i], size)),
+                      labels=np.concatenate(labels),
                       class_names=class_names, official=None if "all" in official else official)
 
 
