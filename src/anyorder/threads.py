@@ -18,8 +18,12 @@ def threads_for(threads: int = 0) -> int:
         return threads
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]):
         return int(os.environ["OMP_NUM_THREADS"])
-    return cores_per_process(int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                os.environ.get("WORLD_SIZE", "1"))))
+    return cores_per_process(_local_processes())
+
+
+def _local_processes() -> int:
+    """The processes a torchrun launch starts on this machine (1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
 def cores_per_process(processes: int) -> int:
@@ -59,5 +63,4 @@ def loader_workers(device_type: str) -> int:
         return _loader_workers
     if device_type == "cpu":
         return 0
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return max(1, min(8, cores_per_process(processes) - 1))
+    return max(1, min(8, cores_per_process(_local_processes()) - 1))

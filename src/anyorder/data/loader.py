@@ -28,9 +28,8 @@ class _IndexedBatches(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # Indexing with an array gives a new array (numpy's, or ImageRows' reads): writable.
         images = np.ascontiguousarray(self.images[index])
-        if not images.flags.writeable:
-            images = images.copy()
         return torch.from_numpy(images), torch.as_tensor(self.labels[index], dtype=torch.long)
 
 
