@@ -208,7 +208,7 @@ def test_bad_fractions(val: float, test: float):
 def test_imagefolder_file_order_is_pathlibs(tmp_path: Path):
     """Files are listed compactly (relative names, not Paths) in the order sorted Paths had:
     folder by folder, so 'sub/x.png' comes before 'sub-2/a.png' (plain string order would not)."""
-    from anyorder.data.sources import _image_files
+    from anyorder.data.imagefolder import _image_files
     names = ["b.png", "a.PNG", "Z.jpg", "sub/x.png", "sub-2/a.png", "sub/deeper/c.png",
              "c.png.d/e.png", "c.png", ".hidden.png", "sub/.x/y.png", "notes.txt"]
     for name in names:

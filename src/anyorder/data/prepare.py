@@ -5,8 +5,8 @@ it (`anyorder.data.splits`: a source's own test set kept, CIFAR's and an ImageFo
 test/; otherwise a seeded stratified train/val/test split) and writes each split as plain .npy
 files plus `meta.json` into `out_dir`, atomically and byte-for-byte the same for the same input
 (`anyorder.data.prepared` reads them a batch at a time). Images are decoded, resized and written
-a chunk at a time, so memory does not grow with the data set. Every problem with the input raises `DataError` naming the
-file or class at fault and saying how to fix it.
+a chunk at a time, so memory does not grow with the data set. Every problem with the input raises
+`DataError` naming the file or class at fault and saying how to fix it.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import numpy as np
 
 from anyorder.data.images import DataError
 from anyorder.data.prepared import split_files
-from anyorder.data.sources import Images, RawDataset, load_source
+from anyorder.data.raw import Images, RawDataset
+from anyorder.data.sources import load_source
 from anyorder.data.splits import SPLIT_MODES, check_fractions, official_split, stratified_split
 from anyorder.files import atomic_directory, atomic_write_json
 
